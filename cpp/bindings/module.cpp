@@ -1,0 +1,313 @@
+// fastrnn._core: argument checks, buffer allocation and GIL release around the C++ drivers.
+// No math here. The user-facing checks with torch-like messages live in python/fastrnn; these
+// checks are the safety net that keeps direct calls from crashing.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <memory>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "fastrnn/dispatch.h"
+#include "fastrnn/fp_env.h"
+#include "fastrnn/layer.h"
+
+namespace py = pybind11;
+using namespace fastrnn;
+
+namespace {
+
+template <class T>
+using CArray = py::array_t<T, py::array::c_style | py::array::forcecast>;
+
+// A C-contiguous array of T (a copy when needed); TypeError when the input cannot convert.
+template <class T>
+CArray<T> as_array(const py::array& a, const char* name) {
+  CArray<T> out = CArray<T>::ensure(a);
+  if (!out)
+    throw py::type_error(std::string(name) + " must be convertible to " +
+                         std::string(py::str(py::dtype::of<T>())) + ", got " + std::string(py::str(a.dtype())));
+  return out;
+}
+
+Cell parse_cell(const std::string& name) {
+  if (name == "lstm") return Cell::lstm;
+  if (name == "rnn_tanh") return Cell::rnn_tanh;
+  if (name == "rnn_relu") return Cell::rnn_relu;
+  throw py::value_error("cell must be 'lstm', 'rnn_tanh' or 'rnn_relu', got '" + name + "'");
+}
+
+const char* cell_name(Cell cell) {
+  switch (cell) {
+    case Cell::lstm: return "lstm";
+    case Cell::rnn_tanh: return "rnn_tanh";
+    case Cell::rnn_relu: return "rnn_relu";
+  }
+  return "?";
+}
+
+std::string shape_string(const std::vector<py::ssize_t>& shape) {
+  std::string s = "(";
+  for (std::size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + (shape.size() == 1 ? ",)" : ")");
+}
+
+std::vector<py::ssize_t> shape_of(const py::array& a) { return {a.shape(), a.shape() + a.ndim()}; }
+
+void require_shape(const py::array& a, const std::vector<py::ssize_t>& expected, const char* name) {
+  if (shape_of(a) != expected)
+    throw py::value_error(std::string(name) + " must have shape " + shape_string(expected) + ", got " +
+                          shape_string(shape_of(a)));
+}
+
+// A parameter-gradient array the caller owns and we add into: exact dtype, C-contiguous, writable.
+template <class T>
+T* accumulator(const std::optional<py::array>& a, const std::vector<py::ssize_t>& shape, const char* name) {
+  if (!a) return nullptr;
+  if (!py::isinstance<py::array_t<T>>(*a) || !(a->flags() & py::array::c_style) || !a->writeable())
+    throw py::value_error(std::string(name) + " must be a writable C-contiguous array of the layer's dtype");
+  require_shape(*a, shape, name);
+  py::array target = *a;  // a new handle to the same array
+  return static_cast<T*>(target.mutable_data());
+}
+
+bool is_dtype(const py::array& a, const py::dtype& dt) { return a.dtype().is(dt); }
+
+// The packed weights of one layer and direction, for one dtype and ISA.
+class Layer {
+ public:
+  std::shared_ptr<const PackedLayer<float>> f32;
+  std::shared_ptr<const PackedLayer<double>> f64;
+
+  template <class T>
+  const std::shared_ptr<const PackedLayer<T>>& get() const {
+    if constexpr (std::is_same_v<T, float>) return f32; else return f64;
+  }
+  const Layout& layout() const { return f32 ? f32->layout : f64->layout; }
+  const char* isa() const { return f32 ? f32->isa->name : f64->isa->name; }
+  bool has_bias() const { return f32 ? f32->has_bias : f64->has_bias; }
+  py::dtype dtype() const { return f32 ? py::dtype::of<float>() : py::dtype::of<double>(); }
+};
+
+// What a training forward kept; consumed by one backward.
+class State {
+ public:
+  std::unique_ptr<TrainingState<float>> f32;
+  std::unique_ptr<TrainingState<double>> f64;
+  bool consumed = false;
+};
+
+template <class T>
+Layer pack_typed(Cell cell, const py::array& w_ih_in, const py::array& w_hh_in,
+                 const std::optional<py::array>& b_ih_in, const std::optional<py::array>& b_hh_in) {
+  const long gates = cell == Cell::lstm ? 4 : 1;
+  CArray<T> w_ih = as_array<T>(w_ih_in, "weight_ih"), w_hh = as_array<T>(w_hh_in, "weight_hh");
+  if (w_hh.ndim() != 2 || w_hh.shape(1) < 1 || w_hh.shape(0) != gates * w_hh.shape(1))
+    throw py::value_error("weight_hh must have shape (" + std::to_string(gates) +
+                          "*hidden_size, hidden_size), got " + shape_string(shape_of(w_hh)));
+  const long hidden = static_cast<long>(w_hh.shape(1));
+  if (w_ih.ndim() != 2 || w_ih.shape(0) != gates * hidden || w_ih.shape(1) < 1)
+    throw py::value_error("weight_ih must have shape (" + std::to_string(gates * hidden) +
+                          ", input_size), got " + shape_string(shape_of(w_ih)));
+  const long input = static_cast<long>(w_ih.shape(1));
+  std::optional<CArray<T>> b_ih, b_hh;
+  if (b_ih_in) {
+    b_ih = as_array<T>(*b_ih_in, "bias_ih");
+    require_shape(*b_ih, {gates * hidden}, "bias_ih");
+  }
+  if (b_hh_in) {
+    b_hh = as_array<T>(*b_hh_in, "bias_hh");
+    require_shape(*b_hh, {gates * hidden}, "bias_hh");
+  }
+  const IsaKernels& isa = active_isa();
+  Layer layer;
+  py::gil_scoped_release release;
+  auto packed = pack_layer<T>(isa, cell, input, hidden, w_ih.data(), w_hh.data(),
+                              b_ih ? b_ih->data() : nullptr, b_hh ? b_hh->data() : nullptr);
+  if constexpr (std::is_same_v<T, float>) layer.f32 = std::move(packed); else layer.f64 = std::move(packed);
+  return layer;
+}
+
+Layer pack(const std::string& cell_name_in, const py::array& w_ih, const py::array& w_hh,
+           const std::optional<py::array>& b_ih, const std::optional<py::array>& b_hh) {
+  const Cell cell = parse_cell(cell_name_in);
+  if (is_dtype(w_ih, py::dtype::of<float>())) return pack_typed<float>(cell, w_ih, w_hh, b_ih, b_hh);
+  if (is_dtype(w_ih, py::dtype::of<double>())) return pack_typed<double>(cell, w_ih, w_hh, b_ih, b_hh);
+  throw py::type_error("weight_ih must be float32 or float64, got " + std::string(py::str(w_ih.dtype())));
+}
+
+template <class T>
+py::tuple forward_typed(const Layer& layer, const py::array& x_in, const std::optional<py::array>& h0_in,
+                        const std::optional<py::array>& c0_in, bool training) {
+  const Layout& L = layer.layout();
+  const bool lstm = L.cell == Cell::lstm;
+  CArray<T> x = as_array<T>(x_in, "x");
+  if (x.ndim() != 3 || x.shape(2) != L.input)
+    throw py::value_error("x must have shape (seq_len, batch, " + std::to_string(L.input) + "), got " +
+                          shape_string(shape_of(x_in)));
+  const long steps = static_cast<long>(x.shape(0)), batch = static_cast<long>(x.shape(1));
+  if (steps < 1) throw py::value_error("x: sequence length must be > 0, got 0");
+  const std::vector<py::ssize_t> state_shape{batch, L.hidden};
+  std::optional<CArray<T>> h0, c0;
+  if (h0_in) {
+    h0 = as_array<T>(*h0_in, "h0");
+    require_shape(*h0, state_shape, "h0");
+  }
+  if (c0_in) {
+    if (!lstm) throw py::value_error("c0 is only for the LSTM");
+    c0 = as_array<T>(*c0_in, "c0");
+    require_shape(*c0, state_shape, "c0");
+  }
+  CArray<T> out({steps, batch, L.hidden}), h_n(state_shape);
+  std::optional<CArray<T>> c_n;
+  if (lstm) c_n.emplace(state_shape);
+  std::unique_ptr<TrainingState<T>> state;
+  if (training) state = std::make_unique<TrainingState<T>>();
+  {
+    py::gil_scoped_release release;
+    forward<T>(layer.get<T>(), steps, batch, x.data(), h0 ? h0->data() : nullptr,
+               c0 ? c0->data() : nullptr, out.mutable_data(), h_n.mutable_data(),
+               c_n ? c_n->mutable_data() : nullptr, state.get());
+  }
+  py::object saved = py::none();
+  if (state) {
+    State s;
+    if constexpr (std::is_same_v<T, float>) s.f32 = std::move(state); else s.f64 = std::move(state);
+    saved = py::cast(std::move(s));
+  }
+  return py::make_tuple(out, h_n, c_n ? py::object(*c_n) : py::none(), saved);
+}
+
+py::tuple forward_any(const Layer& layer, const py::array& x, const std::optional<py::array>& h0,
+                      const std::optional<py::array>& c0, bool training) {
+  if (layer.f32) return forward_typed<float>(layer, x, h0, c0, training);
+  return forward_typed<double>(layer, x, h0, c0, training);
+}
+
+template <class T>
+py::tuple backward_typed(TrainingState<T>& state, bool& consumed, const std::optional<py::array>& grad_out_in,
+                         const std::optional<py::array>& grad_h_n_in,
+                         const std::optional<py::array>& grad_c_n_in,
+                         const std::optional<py::array>& grad_w_ih, const std::optional<py::array>& grad_w_hh,
+                         const std::optional<py::array>& grad_b_ih, const std::optional<py::array>& grad_b_hh) {
+  const Layout& L = state.layer->layout;
+  const bool lstm = L.cell == Cell::lstm;
+  const long steps = state.steps, batch = state.batch, gate_rows = L.gates * L.hidden;
+  const std::vector<py::ssize_t> state_shape{batch, L.hidden};
+  std::optional<CArray<T>> grad_out, grad_h_n, grad_c_n;
+  if (grad_out_in) {
+    grad_out = as_array<T>(*grad_out_in, "grad_out");
+    require_shape(*grad_out, {steps, batch, L.hidden}, "grad_out");
+  }
+  if (grad_h_n_in) {
+    grad_h_n = as_array<T>(*grad_h_n_in, "grad_h_n");
+    require_shape(*grad_h_n, state_shape, "grad_h_n");
+  }
+  if (grad_c_n_in) {
+    if (!lstm) throw py::value_error("grad_c_n is only for the LSTM");
+    grad_c_n = as_array<T>(*grad_c_n_in, "grad_c_n");
+    require_shape(*grad_c_n, state_shape, "grad_c_n");
+  }
+  if (!grad_w_ih || !grad_w_hh) throw py::value_error("grad_weight_ih and grad_weight_hh are required");
+  ParameterGrads<T> grads{accumulator<T>(grad_w_ih, {gate_rows, L.input}, "grad_weight_ih"),
+                          accumulator<T>(grad_w_hh, {gate_rows, L.hidden}, "grad_weight_hh"),
+                          accumulator<T>(grad_b_ih, {gate_rows}, "grad_bias_ih"),
+                          accumulator<T>(grad_b_hh, {gate_rows}, "grad_bias_hh")};
+  CArray<T> grad_x({steps, batch, L.input}), grad_h0(state_shape);
+  std::optional<CArray<T>> grad_c0;
+  if (lstm) grad_c0.emplace(state_shape);
+  consumed = true;  // backward overwrites the saved gates with their gradients
+  {
+    py::gil_scoped_release release;
+    backward<T>(state, grad_out ? grad_out->data() : nullptr, grad_h_n ? grad_h_n->data() : nullptr,
+                grad_c_n ? grad_c_n->data() : nullptr, grad_x.mutable_data(), grad_h0.mutable_data(),
+                grad_c0 ? grad_c0->mutable_data() : nullptr, grads);
+  }
+  return py::make_tuple(grad_x, grad_h0, grad_c0 ? py::object(*grad_c0) : py::none());
+}
+
+py::tuple backward_any(State& state, const std::optional<py::array>& grad_out,
+                       const std::optional<py::array>& grad_h_n, const std::optional<py::array>& grad_c_n,
+                       const std::optional<py::array>& grad_w_ih, const std::optional<py::array>& grad_w_hh,
+                       const std::optional<py::array>& grad_b_ih, const std::optional<py::array>& grad_b_hh) {
+  if (state.consumed)
+    throw std::runtime_error("backward was already run for this forward; run a training forward again");
+  if (state.f32)
+    return backward_typed(*state.f32, state.consumed, grad_out, grad_h_n, grad_c_n, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh);
+  return backward_typed(*state.f64, state.consumed, grad_out, grad_h_n, grad_c_n, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh);
+}
+
+template <class T>
+py::array activation_typed(Activation kind, const py::array& x_in) {
+  CArray<T> x = as_array<T>(x_in, "x");
+  CArray<T> y(x.size());
+  const KernelTable<T>& k = [] () -> const KernelTable<T>& {
+    if constexpr (std::is_same_v<T, float>) return active_isa().f32; else return active_isa().f64;
+  }();
+  py::gil_scoped_release release;
+  FlushDenormalsScope flush_denormals;
+  k.activation(kind, x.data(), y.mutable_data(), static_cast<long>(x.size()));
+  return y;
+}
+
+py::array activation(const std::string& name, const py::array& x) {
+  Activation kind;
+  if (name == "sigmoid") kind = Activation::sigmoid;
+  else if (name == "tanh") kind = Activation::tanh;
+  else if (name == "relu") kind = Activation::relu;
+  else throw py::value_error("activation must be 'sigmoid', 'tanh' or 'relu', got '" + name + "'");
+  if (x.ndim() != 1) throw py::value_error("x must be 1-D");
+  if (is_dtype(x, py::dtype::of<float>())) return activation_typed<float>(kind, x);
+  if (is_dtype(x, py::dtype::of<double>())) return activation_typed<double>(kind, x);
+  throw py::type_error("x must be float32 or float64");
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "fastrnn's compiled core (private: use the fastrnn package)";
+  try {
+    select_isa_from_environment();
+  } catch (const std::invalid_argument& e) {
+    throw py::import_error(e.what());
+  }
+  m.attr("__version__") = FASTRNN_VERSION;
+
+  m.def("active_isa", [] { return std::string(active_isa().name); },
+        "The instruction set the kernels use (chosen at import; FASTRNN_ISA overrides it).");
+  m.def("available_isas", &available_isas, "The instruction sets this CPU supports, best first.");
+  m.def("compiled_isas", &compiled_isas, "The instruction sets compiled into this build, best first.");
+  m.def("_set_isa", [](const std::string& name) {
+        try {
+          set_active_isa(name);
+        } catch (const std::invalid_argument& e) {
+          throw py::value_error(e.what());
+        }
+      }, py::arg("name"), "Testing hook: use another ISA for layers packed from now on.");
+  m.def("activation", &activation, py::arg("name"), py::arg("x"),
+        "Testing hook: the active ISA's vectorized activation applied to a 1-D array.");
+
+  py::class_<Layer>(m, "PackedLayer", "A layer's weights packed for the kernels of one ISA.")
+      .def_property_readonly("isa", &Layer::isa)
+      .def_property_readonly("dtype", &Layer::dtype)
+      .def_property_readonly("cell", [](const Layer& l) { return cell_name(l.layout().cell); })
+      .def_property_readonly("input_size", [](const Layer& l) { return l.layout().input; })
+      .def_property_readonly("hidden_size", [](const Layer& l) { return l.layout().hidden; })
+      .def_property_readonly("has_bias", &Layer::has_bias);
+  py::class_<State>(m, "TrainingState", "What a training forward keeps for its backward.");
+
+  m.def("pack", &pack, py::arg("cell"), py::arg("weight_ih"), py::arg("weight_hh"),
+        py::arg("bias_ih") = py::none(), py::arg("bias_hh") = py::none(),
+        "Pack torch.nn-layout weights for the active ISA.");
+  m.def("forward", &forward_any, py::arg("layer"), py::arg("x"), py::arg("h0") = py::none(),
+        py::arg("c0") = py::none(), py::arg("training") = false,
+        "Time-major forward: returns (out, h_n, c_n or None, TrainingState or None).");
+  m.def("backward", &backward_any, py::arg("state"), py::arg("grad_out") = py::none(),
+        py::arg("grad_h_n") = py::none(), py::arg("grad_c_n") = py::none(),
+        py::arg("grad_weight_ih") = py::none(), py::arg("grad_weight_hh") = py::none(),
+        py::arg("grad_bias_ih") = py::none(), py::arg("grad_bias_hh") = py::none(),
+        "Backward through time: returns (dx, dh0, dc0 or None); adds into the parameter grads.");
+}

@@ -1,0 +1,133 @@
+// The contract between the portable driver and the per-ISA kernels.
+//
+// Only plain structs, enums and declarations live here: this header is included by translation
+// units compiled with different ISA flags, so it must not define any inline code the linker could
+// merge across them (style.md, pitfall 2).
+#pragma once
+
+#include <cstddef>
+
+namespace fastrnn {
+
+enum class Cell : int { rnn_tanh = 0, rnn_relu = 1, lstm = 2 };
+enum class Activation : int { sigmoid = 0, tanh = 1, relu = 2 };
+
+// How a layer's weights are laid out for one ISA.
+//
+// The hidden units are cut into blocks of `panel_hidden` units (a multiple of the SIMD width).
+// A packed panel holds, for one block, the columns of all gates side by side, so one micro-kernel
+// call produces every gate pre-activation of those hidden units and the cell update can run in its
+// epilogue. The packed ("panel") column of gate g, hidden unit j is
+//     (j / panel_hidden) * gates * panel_hidden + g * panel_hidden + j % panel_hidden.
+// Gate buffers (x·W_ihᵀ + b, post-activation gates, gate gradients) use the same column order,
+// with rows of `gate_stride` = gates * hidden_padded elements.
+struct Layout {
+  Cell cell;
+  int gates;             // G: 1 (RNN), 4 (LSTM: i, f, g, o)
+  long input;            // I
+  long hidden;           // H
+  int lanes;             // W: SIMD width of the dtype on the ISA
+  int panel_vectors;     // U: vectors of hidden units per gate in a panel
+  long panel_hidden;     // U * W
+  long hidden_padded;    // H rounded up to panel_hidden
+  long panels;           // hidden_padded / panel_hidden
+  long gate_stride;      // G * hidden_padded
+};
+
+// A matrix (rows x cols) packed into column panels for the micro-kernel: panel p holds columns
+// [p*panel_width, p*panel_width + width_p) for all `rows` rows, row-major within the panel, and
+// starts at data + p * rows * panel_width. Only the last panel may be narrower; its width is
+// rounded up to the SIMD width, the extra columns are zero.
+template <class T>
+struct PackedPanels {
+  const T* data;
+  long rows;         // K
+  long cols;         // N (padded to the SIMD width)
+  long panel_width;  // columns of a full panel, a multiple of the SIMD width
+};
+
+// A strided view: element (i, j) at data[i * row_stride + j * col_stride].
+template <class T>
+struct StridedMatrix {
+  const T* data;
+  long row_stride;
+  long col_stride;
+};
+
+// C[m x n] = A[m x k] · B[k x n]  (or C += ... when accumulate), B packed into panels.
+template <class T>
+struct GemmArgs {
+  long m, n, k;
+  StridedMatrix<T> a;
+  const PackedPanels<T>* b_packed;
+  T* c;
+  long ldc;
+  bool accumulate;
+};
+
+// One time step forward for panels [panel_begin, panel_end):
+// gates = gates_in + h_prev · W_hhᵀ, then the cell's activations and state update.
+template <class T>
+struct StepForwardArgs {
+  const Layout* layout;
+  long batch;
+  const T* h_prev;          // [batch, hidden], row stride h_prev_stride
+  long h_prev_stride;
+  const T* w_hh;            // gate-interleaved panels, hidden rows each
+  T* gates;                 // [batch, gate_stride]: in x·W_ihᵀ + biases; out post-activation gates (LSTM, if store_gates)
+  const T* c_prev;          // [batch, hidden_padded] (LSTM)
+  T* c_next;                // [batch, hidden_padded] (LSTM)
+  T* h_next;                // [batch, hidden], row stride h_next_stride
+  long h_next_stride;
+  bool store_gates;
+  long panel_begin, panel_end;
+};
+
+// One time step backward for hidden columns [col_begin, col_end) of w_hh_t (multiples of its panel width):
+// dh_t = grad_out_t (+ grad_h_last) + dG_{t+1} · W_hh, then the cell's gate gradients in the epilogue.
+template <class T>
+struct StepBackwardArgs {
+  const Layout* layout;
+  long batch;
+  const T* grad_gates_next;           // dG_{t+1} [batch, gate_stride], or nullptr at the last step
+  const PackedPanels<T>* w_hh_t;      // rows gate_stride (panel column order), cols hidden_padded
+  const T* grad_out;                  // dL/dh_t from the layer output [batch, hidden] or nullptr
+  long grad_out_stride;
+  const T* grad_h_last;               // dL/dh_n [batch, hidden] at the last step, else nullptr
+  T* gates;                           // in: post-activation gates at t (LSTM); out: dG_t (pre-activation grads)
+  const T* h;                         // h_t [batch, hidden] (RNN derivative)
+  const T* c;                         // c_t [batch, hidden_padded] (LSTM)
+  const T* c_prev;                    // c_{t-1} [batch, hidden_padded] (LSTM)
+  T* grad_c;                          // in: dL/dc_t; out: dL/dc_{t-1} [batch, hidden_padded] (LSTM)
+  long col_begin, col_end;
+};
+
+template <class T>
+struct KernelTable {
+  int lanes;
+  int gemm_panel_vectors;  // vectors per full panel of a generic packed matrix
+  void (*gemm)(const GemmArgs<T>&);
+  void (*step_forward)(const StepForwardArgs<T>&);
+  void (*step_backward)(const StepBackwardArgs<T>&);
+  void (*activation)(Activation, const T* in, T* out, long n);
+};
+
+struct IsaKernels {
+  const char* name;
+  KernelTable<float> f32;
+  KernelTable<double> f64;
+};
+
+// Defined by the per-ISA translation units (only those built for this architecture exist).
+extern const IsaKernels scalar_kernels;
+#if defined(FASTRNN_HAVE_AVX2)
+extern const IsaKernels avx2_kernels;
+#endif
+#if defined(FASTRNN_HAVE_AVX512)
+extern const IsaKernels avx512_kernels;
+#endif
+#if defined(FASTRNN_HAVE_NEON)
+extern const IsaKernels neon_kernels;
+#endif
+
+}  // namespace fastrnn

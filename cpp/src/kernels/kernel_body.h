@@ -1,0 +1,449 @@
+// The one kernel body, compiled once per ISA.
+//
+// Each kernels_<isa>.cpp includes its simd_<isa>.h, defines FASTRNN_ISA_NAMESPACE and includes
+// this file, so every copy lives in its own namespace (no inline code is shared across ISA
+// translation units). Written against the small vector interface of the simd_*.h headers.
+//
+// What is here: vectorized exp/sigmoid/tanh, one register-blocked micro-kernel (a block of rows
+// times one packed panel), a cache-blocked GEMM on packed panels, and the fused time steps whose
+// epilogues apply the cell's math to the micro-kernel's accumulators while they are in registers.
+// The math of each cell matches python/fastrnn/reference.py, its readable twin.
+#ifndef FASTRNN_ISA_NAMESPACE
+#error "define FASTRNN_ISA_NAMESPACE before including kernel_body.h"
+#endif
+
+#include "fastrnn/kernels.h"
+
+namespace fastrnn {
+namespace FASTRNN_ISA_NAMESPACE {
+
+#define FASTRNN_INLINE inline __attribute__((always_inline))
+#define FASTRNN_UNROLL _Pragma("GCC unroll 16")
+
+// ---------------------------------------------------------------------------------------------
+// Elementary functions. Clamps take the variable as min/max's second operand so NaN propagates.
+
+template <class T>
+struct MathConstants;
+
+template <>
+struct MathConstants<float> {
+  // exp's argument range: the result stays a normal float (denormals are flushed anyway).
+  static constexpr float exp_lo = -87.3f, exp_hi = 88.0f;
+  static constexpr float log2e = 1.44269504088896341f;
+  // ln 2 split so that n * ln2_hi is exact (Cody-Waite range reduction).
+  static constexpr float ln2_hi = 0.693115234375f, ln2_lo = 3.19461849e-05f;
+  // Taylor series of e^r on |r| <= ln2/2: truncation error < 0.15 ulp.
+  static constexpr int exp_terms = 8;
+  static constexpr float exp_poly[exp_terms] = {1.0f, 1.0f, 1.0f / 2, 1.0f / 6, 1.0f / 24,
+                                                1.0f / 120, 1.0f / 720, 1.0f / 5040};
+  // Below tanh_small, tanh(x) = x + x^3 * Q(x^2), Q fitted by least squares for relative error
+  // (4.6e-9 on the interval); above it 1 - 2 / (e^(2|x|) + 1) has no cancellation.
+  static constexpr float tanh_small = 0.625f;
+  static constexpr int tanh_terms = 5;
+  static constexpr float tanh_poly[tanh_terms] = {-0.33333285219564535f, 0.13331512665017486f,
+                                                  -0.05374465790196635f, 0.020653124519109705f,
+                                                  -0.005718962564401173f};
+};
+
+template <>
+struct MathConstants<double> {
+  static constexpr double exp_lo = -708.0, exp_hi = 709.0;
+  static constexpr double log2e = 1.4426950408889634074;
+  static constexpr double ln2_hi = 0.6931471803691238, ln2_lo = 1.9082149292705877e-10;
+  static constexpr int exp_terms = 14;
+  static constexpr double exp_poly[exp_terms] = {
+      1.0, 1.0, 1.0 / 2, 1.0 / 6, 1.0 / 24, 1.0 / 120, 1.0 / 720, 1.0 / 5040, 1.0 / 40320,
+      1.0 / 362880, 1.0 / 3628800, 1.0 / 39916800, 1.0 / 479001600, 1.0 / 6227020800};
+  static constexpr double tanh_small = 0.625;
+  static constexpr int tanh_terms = 11;
+  static constexpr double tanh_poly[tanh_terms] = {
+      -0.33333333333332815,   0.13333333333255054,    -0.05396825393099715,
+      0.021869487626637787,   -0.008863222134472904,  0.0035920004290427997,
+      -0.0014550220137707918, 0.0005865295298944454,  -0.00022899358537805908,
+      7.76218278348852e-05,   -1.6298164993925527e-05};
+};
+
+template <class V, class T, int N>
+FASTRNN_INLINE V horner(V x, const T (&coefficients)[N]) {
+  V p = V::set1(coefficients[N - 1]);
+  FASTRNN_UNROLL
+  for (int i = N - 2; i >= 0; --i) p = fma(p, x, V::set1(coefficients[i]));
+  return p;
+}
+
+template <class V>
+FASTRNN_INLINE V exp_clamped(V x) {
+  using C = MathConstants<typename V::value_type>;
+  x = min(V::set1(C::exp_hi), max(V::set1(C::exp_lo), x));
+  const V n = round(x * V::set1(C::log2e));
+  V r = fma(n, V::set1(-C::ln2_hi), x);
+  r = fma(n, V::set1(-C::ln2_lo), r);
+  return horner(r, C::exp_poly) * pow2(n);
+}
+
+template <class V>
+FASTRNN_INLINE V sigmoid(V x) {
+  const V one = V::set1(1);
+  return one / (one + exp_clamped(V::zero() - x));
+}
+
+template <class V>
+FASTRNN_INLINE V tanh(V x) {
+  using C = MathConstants<typename V::value_type>;
+  const V one = V::set1(1);
+  const V ax = abs(x);
+  const V large = one - V::set1(2) / (exp_clamped(ax + ax) + one);
+  const V x2 = x * x;
+  const V small = fma(x * x2, horner(x2, C::tanh_poly), x);
+  // NaN fails the comparison and takes the large branch, which is NaN too.
+  return select_lt(ax, V::set1(C::tanh_small), small, copysign(large, x));
+}
+
+template <class V>
+FASTRNN_INLINE V relu(V x) {
+  return max(V::zero(), x);  // relu(NaN) = NaN
+}
+
+// Loads/stores of the first n lanes (0 < n <= lanes), the full vector when n == lanes.
+template <class V>
+FASTRNN_INLINE V load_first(const typename V::value_type* p, long n) {
+  return n >= V::lanes ? V::load(p) : V::load_partial(p, static_cast<int>(n));
+}
+template <class V>
+FASTRNN_INLINE void store_first(typename V::value_type* p, V v, long n) {
+  if (n >= V::lanes)
+    v.store(p);
+  else
+    v.store_partial(p, static_cast<int>(n));
+}
+
+FASTRNN_INLINE long min_long(long a, long b) { return a < b ? a : b; }
+
+// ---------------------------------------------------------------------------------------------
+// The micro-kernel: acc[MR][NV] = A[MR rows, k] · panel[k, NV vectors].
+// A is strided (rows of h, or a packed block with row stride 1 and column stride MR); the panel
+// row k holds NV * lanes contiguous values.
+
+template <class V, int MR, int NV>
+FASTRNN_INLINE void multiply_panel(long k_count, const typename V::value_type* a, long a_row_stride,
+                                   long a_col_stride, const typename V::value_type* panel,
+                                   V (&acc)[MR][NV]) {
+  FASTRNN_UNROLL
+  for (int r = 0; r < MR; ++r) {
+    FASTRNN_UNROLL
+    for (int v = 0; v < NV; ++v) acc[r][v] = V::zero();
+  }
+  for (long k = 0; k < k_count; ++k) {
+    V b[NV];
+    FASTRNN_UNROLL
+    for (int v = 0; v < NV; ++v) b[v] = V::load(panel + (k * NV + v) * V::lanes);
+    const typename V::value_type* a_k = a + k * a_col_stride;
+    FASTRNN_UNROLL
+    for (int r = 0; r < MR; ++r) {
+      const V a_rk = V::set1(a_k[r * a_row_stride]);
+      FASTRNN_UNROLL
+      for (int v = 0; v < NV; ++v) acc[r][v] = fma(a_rk, b[v], acc[r][v]);
+    }
+  }
+}
+
+// Calls body.template operator()<MR_, NV_>() with compile-time micro-kernel sizes.
+template <int MR, class Body>
+FASTRNN_INLINE void with_rows(long rows, Body&& body) {
+  static_assert(MR <= 6, "extend with_rows for larger micro-kernels");
+  switch (rows) {
+    case 1: body.template operator()<1>(); break;
+    case 2: if constexpr (MR >= 2) body.template operator()<2>(); break;
+    case 3: if constexpr (MR >= 3) body.template operator()<3>(); break;
+    case 4: if constexpr (MR >= 4) body.template operator()<4>(); break;
+    case 5: if constexpr (MR >= 5) body.template operator()<5>(); break;
+    case 6: if constexpr (MR >= 6) body.template operator()<6>(); break;
+    default: break;
+  }
+}
+
+template <class Body>
+FASTRNN_INLINE void with_vectors(long vectors, Body&& body) {
+  switch (vectors) {
+    case 1: body.template operator()<1>(); break;
+    case 2: body.template operator()<2>(); break;
+    case 3: body.template operator()<3>(); break;
+    case 4: body.template operator()<4>(); break;
+    default: break;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// GEMM on pre-packed B: C = A·B or C += A·B. A is copied block by block into micro-panels
+// (rows padded with zeros), so the micro-kernel always runs full MR rows.
+
+constexpr long kGemmPanelVectors = 4;
+constexpr long kBlockK = 256;          // a packed A micro-panel (MR x kBlockK) stays in L1
+constexpr long kBlockM = kMicroRows * 8;
+
+template <class T>
+void gemm(const GemmArgs<T>& g) {
+  using V = typename Simd<T>::type;
+  constexpr int MR = kMicroRows;
+  constexpr long W = V::lanes;
+  const PackedPanels<T>& b = *g.b_packed;
+  if (g.m <= 0 || g.n <= 0) return;
+  if (g.k <= 0) {
+    if (!g.accumulate)
+      for (long i = 0; i < g.m; ++i)
+        for (long j = 0; j < g.n; ++j) g.c[i * g.ldc + j] = T(0);
+    return;
+  }
+  alignas(64) T a_block[kBlockM * kBlockK];
+  const long panels = (b.cols + b.panel_width - 1) / b.panel_width;
+  for (long k0 = 0; k0 < g.k; k0 += kBlockK) {
+    const long kc = min_long(kBlockK, g.k - k0);
+    const bool accumulate = g.accumulate || k0 > 0;
+    for (long m0 = 0; m0 < g.m; m0 += kBlockM) {
+      const long mc = min_long(kBlockM, g.m - m0);
+      // Pack A[m0:m0+mc, k0:k0+kc] into micro-panels: element (r, k) at [(r / MR) * kc * MR + k * MR + r % MR].
+      for (long r0 = 0; r0 < mc; r0 += MR) {
+        T* dst = a_block + r0 * kc;
+        for (long k = 0; k < kc; ++k)
+          for (long r = 0; r < MR; ++r)
+            dst[k * MR + r] = r0 + r < mc ? g.a.data[(m0 + r0 + r) * g.a.row_stride +
+                                                     (k0 + k) * g.a.col_stride]
+                                          : T(0);
+      }
+      for (long r0 = 0; r0 < mc; r0 += MR) {
+        const long rows = min_long(MR, mc - r0);
+        for (long p = 0; p < panels; ++p) {
+          const long col0 = p * b.panel_width;
+          const long width = min_long(b.panel_width, b.cols - col0);
+          const T* panel = b.data + p * b.rows * b.panel_width + k0 * width;
+          with_vectors(width / W, [&]<int NV>() {
+            V acc[MR][NV];
+            multiply_panel<V, MR, NV>(kc, a_block + r0 * kc, 1, MR, panel, acc);
+            for (long r = 0; r < rows; ++r) {
+              T* c_row = g.c + (m0 + r0 + r) * g.ldc + col0;
+              FASTRNN_UNROLL
+              for (int v = 0; v < NV; ++v) {
+                const long n = min_long(W, g.n - col0 - v * W);
+                if (n <= 0) break;
+                V out = acc[r][v];
+                if (accumulate) out = out + load_first<V>(c_row + v * W, n);
+                store_first(c_row + v * W, out, n);
+              }
+            }
+          });
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fused forward step. Per panel and block of batch rows: the recurrent product of all gates of
+// the panel's hidden units, then (in registers) + x·W_ihᵀ + b, activations and the state update.
+
+template <class V, int U>
+struct LstmForwardEpilogue {
+  using T = typename V::value_type;
+  const StepForwardArgs<T>& s;
+
+  template <int MR>
+  FASTRNN_INLINE void operator()(const V (&acc)[MR][4 * U], long row0, long panel) const {
+    const Layout& L = *s.layout;
+    const long hb = L.panel_hidden;
+    FASTRNN_UNROLL
+    for (long r = 0; r < MR; ++r) {
+      const long row = row0 + r;
+      T* gates = s.gates + row * L.gate_stride + panel * 4 * hb;
+      FASTRNN_UNROLL
+      for (int u = 0; u < U; ++u) {
+        const long j = panel * hb + u * V::lanes;
+        T* gu = gates + u * V::lanes;
+        const V i = sigmoid(acc[r][0 * U + u] + V::load(gu + 0 * hb));
+        const V f = sigmoid(acc[r][1 * U + u] + V::load(gu + 1 * hb));
+        const V g = tanh(acc[r][2 * U + u] + V::load(gu + 2 * hb));
+        const V o = sigmoid(acc[r][3 * U + u] + V::load(gu + 3 * hb));
+        const V c = fma(f, V::load(s.c_prev + row * L.hidden_padded + j), i * g);
+        const V h = o * tanh(c);
+        c.store(s.c_next + row * L.hidden_padded + j);
+        const long n = min_long(V::lanes, L.hidden - j);
+        if (n > 0) store_first(s.h_next + row * s.h_next_stride + j, h, n);
+        if (s.store_gates) {
+          i.store(gu + 0 * hb);
+          f.store(gu + 1 * hb);
+          g.store(gu + 2 * hb);
+          o.store(gu + 3 * hb);
+        }
+      }
+    }
+  }
+};
+
+template <class V, int U, bool kRelu>
+struct RnnForwardEpilogue {
+  using T = typename V::value_type;
+  const StepForwardArgs<T>& s;
+
+  template <int MR>
+  FASTRNN_INLINE void operator()(const V (&acc)[MR][U], long row0, long panel) const {
+    const Layout& L = *s.layout;
+    FASTRNN_UNROLL
+    for (long r = 0; r < MR; ++r) {
+      const long row = row0 + r;
+      const T* gates = s.gates + row * L.gate_stride + panel * L.panel_hidden;
+      FASTRNN_UNROLL
+      for (int u = 0; u < U; ++u) {
+        const long j = panel * L.panel_hidden + u * V::lanes;
+        const long n = min_long(V::lanes, L.hidden - j);
+        if (n <= 0) break;
+        const V z = acc[r][u] + V::load(gates + u * V::lanes);
+        store_first(s.h_next + row * s.h_next_stride + j, kRelu ? relu(z) : tanh(z), n);
+      }
+    }
+  }
+};
+
+template <class V, int NV, class Epilogue>
+void run_step_forward(const StepForwardArgs<typename V::value_type>& s, const Epilogue& epilogue) {
+  constexpr int MR = kMicroRows;
+  const Layout& L = *s.layout;
+  const long panel_size = L.hidden * NV * V::lanes;
+  for (long p = s.panel_begin; p < s.panel_end; ++p) {
+    const auto* panel = s.w_hh + p * panel_size;
+    for (long row0 = 0; row0 < s.batch; row0 += MR) {
+      with_rows<MR>(min_long(MR, s.batch - row0), [&]<int R>() {
+        V acc[R][NV];
+        multiply_panel<V, R, NV>(L.hidden, s.h_prev + row0 * s.h_prev_stride, s.h_prev_stride, 1,
+                                 panel, acc);
+        epilogue.template operator()<R>(acc, row0, p);
+      });
+    }
+  }
+}
+
+template <class T>
+void step_forward(const StepForwardArgs<T>& s) {
+  using V = typename Simd<T>::type;
+  switch (s.layout->cell) {
+    case Cell::lstm:
+      run_step_forward<V, 4>(s, LstmForwardEpilogue<V, 1>{s});
+      break;
+    case Cell::rnn_tanh:
+      with_vectors(s.layout->panel_vectors, [&]<int U>() {
+        run_step_forward<V, U>(s, RnnForwardEpilogue<V, U, false>{s});
+      });
+      break;
+    case Cell::rnn_relu:
+      with_vectors(s.layout->panel_vectors, [&]<int U>() {
+        run_step_forward<V, U>(s, RnnForwardEpilogue<V, U, true>{s});
+      });
+      break;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fused backward step. Per block of hidden units and batch rows: dh = dG_{t+1}·W_hh (micro-kernel)
+// + the output's gradient, then (in registers) the gradients of the gate pre-activations.
+
+template <class V>
+struct LstmBackwardEpilogue {
+  using T = typename V::value_type;
+  FASTRNN_INLINE void operator()(const StepBackwardArgs<T>& s, V dh, long row, long j) const {
+    const Layout& L = *s.layout;
+    const long hb = L.panel_hidden;
+    T* gates = s.gates + row * L.gate_stride + (j / hb) * 4 * hb + j % hb;
+    const long state = row * L.hidden_padded + j;
+    const V one = V::set1(1);
+    const V i = V::load(gates + 0 * hb), f = V::load(gates + 1 * hb);
+    const V g = V::load(gates + 2 * hb), o = V::load(gates + 3 * hb);
+    const V tanh_c = tanh(V::load(s.c + state));
+    const V dc = fma(dh * o, one - tanh_c * tanh_c, V::load(s.grad_c + state));
+    (dc * f).store(s.grad_c + state);
+    (dc * g * i * (one - i)).store(gates + 0 * hb);
+    (dc * V::load(s.c_prev + state) * f * (one - f)).store(gates + 1 * hb);
+    (dc * i * (one - g * g)).store(gates + 2 * hb);
+    (dh * tanh_c * o * (one - o)).store(gates + 3 * hb);
+  }
+};
+
+template <class V, bool kRelu>
+struct RnnBackwardEpilogue {
+  using T = typename V::value_type;
+  FASTRNN_INLINE void operator()(const StepBackwardArgs<T>& s, V dh, long row, long j) const {
+    const Layout& L = *s.layout;
+    const long n = min_long(V::lanes, L.hidden - j);
+    const V h = n > 0 ? load_first<V>(s.h + row * L.hidden + j, n) : V::zero();
+    const V dz = kRelu ? select_lt(V::zero(), h, dh, V::zero()) : dh * (V::set1(1) - h * h);
+    dz.store(s.gates + row * L.gate_stride + j);  // one gate: the panel column is the hidden unit
+  }
+};
+
+template <class V, class Epilogue>
+void run_step_backward(const StepBackwardArgs<typename V::value_type>& s, const Epilogue& epilogue) {
+  using T = typename V::value_type;
+  constexpr int MR = kMicroRows;
+  constexpr long W = V::lanes;
+  const Layout& L = *s.layout;
+  const PackedPanels<T>& w = *s.w_hh_t;
+  const long k_count = s.grad_gates_next ? w.rows : 0;
+  for (long col0 = s.col_begin; col0 < s.col_end; col0 += w.panel_width) {
+    const long width = min_long(w.panel_width, w.cols - col0);
+    const T* panel = w.data + (col0 / w.panel_width) * w.rows * w.panel_width;
+    for (long row0 = 0; row0 < s.batch; row0 += MR) {
+      with_rows<MR>(min_long(MR, s.batch - row0), [&]<int R>() {
+        with_vectors(width / W, [&]<int NV>() {
+          V acc[R][NV];
+          multiply_panel<V, R, NV>(k_count, s.grad_gates_next + row0 * L.gate_stride,
+                                   L.gate_stride, 1, panel, acc);
+          for (long r = 0; r < R; ++r) {
+            const long row = row0 + r;
+            FASTRNN_UNROLL
+            for (int v = 0; v < NV; ++v) {
+              const long j = col0 + v * W;
+              const long n = min_long(W, L.hidden - j);
+              V dh = acc[r][v];
+              if (n > 0 && s.grad_out) dh = dh + load_first<V>(s.grad_out + row * s.grad_out_stride + j, n);
+              if (n > 0 && s.grad_h_last) dh = dh + load_first<V>(s.grad_h_last + row * L.hidden + j, n);
+              epilogue(s, dh, row, j);
+            }
+          }
+        });
+      });
+    }
+  }
+}
+
+template <class T>
+void step_backward(const StepBackwardArgs<T>& s) {
+  using V = typename Simd<T>::type;
+  switch (s.layout->cell) {
+    case Cell::lstm: run_step_backward<V>(s, LstmBackwardEpilogue<V>{}); break;
+    case Cell::rnn_tanh: run_step_backward<V>(s, RnnBackwardEpilogue<V, false>{}); break;
+    case Cell::rnn_relu: run_step_backward<V>(s, RnnBackwardEpilogue<V, true>{}); break;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+template <class T>
+void activation(Activation kind, const T* in, T* out, long n) {
+  using V = typename Simd<T>::type;
+  for (long i = 0; i < n; i += V::lanes) {
+    const long count = min_long(V::lanes, n - i);
+    const V x = load_first<V>(in + i, count);
+    const V y = kind == Activation::sigmoid ? sigmoid(x) : kind == Activation::tanh ? tanh(x) : relu(x);
+    store_first(out + i, y, count);
+  }
+}
+
+template <class T>
+constexpr KernelTable<T> make_table() {
+  return {Simd<T>::type::lanes, static_cast<int>(kGemmPanelVectors), &gemm<T>, &step_forward<T>,
+          &step_backward<T>, &activation<T>};
+}
+
+#undef FASTRNN_INLINE
+#undef FASTRNN_UNROLL
+
+}  // namespace FASTRNN_ISA_NAMESPACE
+}  // namespace fastrnn

@@ -1,0 +1,68 @@
+// The portable baseline: "vectors" of one lane, plain C++ compiled without ISA flags.
+// Semantics as documented in simd_avx512.h (min/max written so that a NaN in b propagates).
+#pragma once
+#include <cstdint>
+#include <cstring>
+
+namespace fastrnn {
+namespace scalar {
+
+template <class T, class Bits, int kMantissaBits, int kBias>
+struct Lane {
+  using value_type = T;
+  static constexpr int lanes = 1;
+  T v;
+
+  static Lane zero() { return {T(0)}; }
+  static Lane set1(T x) { return {x}; }
+  static Lane load(const T* p) { return {*p}; }
+  static Lane load_partial(const T* p, int n) { return {n > 0 ? *p : T(0)}; }
+  void store(T* p) const { *p = v; }
+  void store_partial(T* p, int n) const {
+    if (n > 0) *p = v;
+  }
+  friend Lane operator+(Lane a, Lane b) { return {a.v + b.v}; }
+  friend Lane operator-(Lane a, Lane b) { return {a.v - b.v}; }
+  friend Lane operator*(Lane a, Lane b) { return {a.v * b.v}; }
+  friend Lane operator/(Lane a, Lane b) { return {a.v / b.v}; }
+  friend Lane fma(Lane a, Lane b, Lane c) { return {a.v * b.v + c.v}; }
+  friend Lane min(Lane a, Lane b) { return {a.v < b.v ? a.v : b.v}; }
+  friend Lane max(Lane a, Lane b) { return {a.v > b.v ? a.v : b.v}; }
+  friend Lane abs(Lane a) { return {from_bits(bits(a.v) & ~sign_bit())}; }
+  friend Lane copysign(Lane mag, Lane sgn) {
+    return {from_bits((bits(mag.v) & ~sign_bit()) | (bits(sgn.v) & sign_bit()))};
+  }
+  friend Lane select_lt(Lane a, Lane b, Lane x, Lane y) { return {a.v < b.v ? x.v : y.v}; }
+  friend Lane round(Lane a) {
+    // Adding and subtracting 1.5 * 2^mantissa rounds to nearest even for |a| < 2^(mantissa-1).
+    const T magic = T(1.5) * T(Bits(1) << kMantissaBits);
+    // (Exact IEEE arithmetic: the library is never built with -ffast-math.)
+    return {(a.v + magic) - magic};
+  }
+  friend Lane pow2(Lane n) {
+    if (n.v != n.v) return n;  // NaN: converting it to an integer would be undefined
+    const auto e = static_cast<Bits>(static_cast<std::int64_t>(n.v) + kBias);
+    return {from_bits(e << kMantissaBits)};
+  }
+
+ private:
+  static Bits sign_bit() { return Bits(1) << (sizeof(Bits) * 8 - 1); }
+  static Bits bits(T x) {
+    Bits b;
+    std::memcpy(&b, &x, sizeof b);
+    return b;
+  }
+  static T from_bits(Bits b) {
+    T x;
+    std::memcpy(&x, &b, sizeof x);
+    return x;
+  }
+};
+
+template <class T> struct Simd;
+template <> struct Simd<float> { using type = Lane<float, std::uint32_t, 23, 127>; };
+template <> struct Simd<double> { using type = Lane<double, std::uint64_t, 52, 1023>; };
+constexpr int kMicroRows = 4;
+
+}  // namespace scalar
+}  // namespace fastrnn

@@ -1,0 +1,89 @@
+#include <stdexcept>
+
+#include "fastrnn/layer.h"
+#include "panels.h"
+
+namespace fastrnn {
+namespace {
+
+template <class T>
+const KernelTable<T>& table_of(const IsaKernels& isa);
+template <>
+const KernelTable<float>& table_of(const IsaKernels& isa) { return isa.f32; }
+template <>
+const KernelTable<double>& table_of(const IsaKernels& isa) { return isa.f64; }
+
+Layout make_layout(Cell cell, long input, long hidden, int lanes) {
+  Layout L{};
+  L.cell = cell;
+  L.gates = cell == Cell::lstm ? 4 : 1;
+  L.input = input;
+  L.hidden = hidden;
+  L.lanes = lanes;
+  // A panel is 4 vectors wide in every case: the LSTM's 4 gates of one vector of hidden units,
+  // or up to 4 vectors of hidden units of the RNN's single gate (fewer when H is small).
+  const long vectors = (hidden + lanes - 1) / lanes;
+  L.panel_vectors = cell == Cell::lstm ? 1 : static_cast<int>(vectors < 4 ? vectors : 4);
+  L.panel_hidden = static_cast<long>(L.panel_vectors) * lanes;
+  L.hidden_padded = round_up(hidden, L.panel_hidden);
+  L.panels = L.hidden_padded / L.panel_hidden;
+  L.gate_stride = L.gates * L.hidden_padded;
+  return L;
+}
+
+}  // namespace
+
+template <class T>
+std::shared_ptr<const PackedLayer<T>> pack_layer(const IsaKernels& isa, Cell cell, long input,
+                                                 long hidden, const T* w_ih, const T* w_hh,
+                                                 const T* b_ih, const T* b_hh) {
+  if (input < 1 || hidden < 1) throw std::invalid_argument("input and hidden sizes must be >= 1");
+  auto packed = std::make_shared<PackedLayer<T>>();
+  PackedLayer<T>& p = *packed;
+  p.isa = &isa;
+  p.kernels = &table_of<T>(isa);
+  p.layout = make_layout(cell, input, hidden, p.kernels->lanes);
+  p.has_bias = b_ih != nullptr || b_hh != nullptr;
+  const Layout& L = p.layout;
+  const long lanes = L.lanes;
+  const long gate_panel = L.gates * L.panel_hidden;
+  const long generic_panel = p.kernels->gemm_panel_vectors * lanes;
+
+  // Forward: K x gate columns, gate-interleaved panels.
+  p.w_ih_panels = pack_panels(p.w_ih, input, L.gate_stride, gate_panel, lanes, [&](long k, long col) {
+    const long row = torch_row_of_gate_column(L, col);
+    return row < 0 ? T(0) : w_ih[row * input + k];
+  });
+  p.w_hh_panels = pack_panels(p.w_hh, hidden, L.gate_stride, gate_panel, lanes, [&](long k, long col) {
+    const long row = torch_row_of_gate_column(L, col);
+    return row < 0 ? T(0) : w_hh[row * hidden + k];
+  });
+  // Backward: gate columns (as rows, K) x input / hidden units.
+  p.w_ih_t_panels = pack_panels(p.w_ih_t, L.gate_stride, input, generic_panel, lanes, [&](long col, long n) {
+    const long row = torch_row_of_gate_column(L, col);
+    return row < 0 ? T(0) : w_ih[row * input + n];
+  });
+  p.w_hh_t_panels = pack_panels(p.w_hh_t, L.gate_stride, L.hidden_padded, generic_panel, lanes,
+                                [&](long col, long n) {
+                                  const long row = torch_row_of_gate_column(L, col);
+                                  return row < 0 || n >= hidden ? T(0) : w_hh[row * hidden + n];
+                                });
+  p.bias.reset(static_cast<std::size_t>(L.gate_stride));
+  for (long col = 0; col < L.gate_stride; ++col) {
+    const long row = torch_row_of_gate_column(L, col);
+    T b = T(0);
+    if (row >= 0 && b_ih) b += b_ih[row];
+    if (row >= 0 && b_hh) b += b_hh[row];
+    p.bias.data()[col] = b;
+  }
+  return packed;
+}
+
+template std::shared_ptr<const PackedLayer<float>> pack_layer(const IsaKernels&, Cell, long, long,
+                                                              const float*, const float*,
+                                                              const float*, const float*);
+template std::shared_ptr<const PackedLayer<double>> pack_layer(const IsaKernels&, Cell, long, long,
+                                                               const double*, const double*,
+                                                               const double*, const double*);
+
+}  // namespace fastrnn

@@ -1,0 +1,875 @@
+"""fastrnn.LSTM / fastrnn.RNN against the NumPy reference, and the layer API contract."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+import fastrnn
+from fastrnn import reference as R
+
+from conftest import DTYPE_IDS, DTYPES, assert_close, rel_err, tol
+
+KINDS = ["lstm", "rnn_tanh", "rnn_relu"]
+PARAM_NAMES = ["weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"]
+REF_GRAD_NAMES = {
+    "weight_ih_l0": "weight_ih",
+    "weight_hh_l0": "weight_hh",
+    "bias_ih_l0": "bias_ih",
+    "bias_hh_l0": "bias_hh",
+}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def make_layer(kind, input_size, hidden_size, dtype=np.float32, seed=0, **kwargs):
+    if kind == "lstm":
+        return fastrnn.LSTM(input_size, hidden_size, dtype=dtype, seed=seed, **kwargs)
+    return fastrnn.RNN(
+        input_size, hidden_size, nonlinearity=kind[4:], dtype=dtype, seed=seed, **kwargs
+    )
+
+
+def gate_count(kind):
+    return 4 if kind == "lstm" else 1
+
+
+def x_shape(T, B, I, batch_first=False, unbatched=False):
+    if unbatched:
+        return (T, I)
+    return (B, T, I) if batch_first else (T, B, I)
+
+
+def state_shape(B, H, unbatched=False):
+    return (1, H) if unbatched else (1, B, H)
+
+
+def make_hx(kind, rng, B, H, dtype, unbatched=False):
+    shape = state_shape(B, H, unbatched)
+    h0 = rng.standard_normal(shape).astype(dtype)
+    if kind == "lstm":
+        return (h0, rng.standard_normal(shape).astype(dtype))
+    return h0
+
+
+def make_grad_state(kind, rng, B, H, dtype, unbatched=False, which="both"):
+    """grad_state for backward: which in {"both", "h", "c"} (LSTM) / anything (RNN)."""
+    shape = state_shape(B, H, unbatched)
+    gh = rng.standard_normal(shape).astype(dtype)
+    if kind != "lstm":
+        return gh
+    gc = rng.standard_normal(shape).astype(dtype)
+    return {"both": (gh, gc), "h": (gh, None), "c": (None, gc)}[which]
+
+
+def to_time_major(a, batch_first, unbatched):
+    """Layer layout (x, out, dx) -> reference layout (T, B, F)."""
+    if unbatched:
+        return a[:, None, :]
+    return a.transpose(1, 0, 2) if batch_first else a
+
+
+def from_time_major(a, batch_first, unbatched):
+    """Reference layout (T, B, F) -> layer layout."""
+    if unbatched:
+        return a[:, 0, :]
+    return a.transpose(1, 0, 2) if batch_first else a
+
+
+def state_to_ref(s, unbatched):
+    """(1, B, H) or unbatched (1, H) -> reference (B, H)."""
+    return s if unbatched else s[0]
+
+
+def state_from_ref(s, unbatched):
+    return s if unbatched else s[None]
+
+
+def run_reference(kind, params, x, hx=None, grad_out=None, grad_state=None, *,
+                  batch_first=False, unbatched=False, ref_dtype=np.float64, backward=True):
+    """The reference in ``ref_dtype`` for a layer call, results in the layer's layout.
+
+    Returns a dict with out, h_n, (c_n), and when ``backward``: dx, dh0, (dc0) and
+    grads (keyed by torch parameter names).
+    """
+    p = {k: np.asarray(v, dtype=ref_dtype) for k, v in params.items()}
+    H = p["weight_hh_l0"].shape[1]
+    xt = np.asarray(to_time_major(x, batch_first, unbatched), dtype=ref_dtype)
+    B = xt.shape[1]
+    lstm = kind == "lstm"
+
+    def cast_state(s):
+        if s is None:
+            return np.zeros((B, H), ref_dtype)
+        return np.asarray(state_to_ref(s, unbatched), ref_dtype)
+
+    if lstm:
+        h0, c0 = (None, None) if hx is None else hx
+        out, h_n, c_n, cache = R.lstm_forward(
+            xt, cast_state(h0), cast_state(c0), p["weight_ih_l0"], p["weight_hh_l0"],
+            p.get("bias_ih_l0"), p.get("bias_hh_l0"),
+        )
+    else:
+        out, h_n, cache = R.rnn_forward(
+            xt, cast_state(hx), p["weight_ih_l0"], p["weight_hh_l0"],
+            p.get("bias_ih_l0"), p.get("bias_hh_l0"), nonlinearity=kind[4:],
+        )
+    res = {
+        "out": from_time_major(out, batch_first, unbatched),
+        "h_n": state_from_ref(h_n, unbatched),
+    }
+    if lstm:
+        res["c_n"] = state_from_ref(c_n, unbatched)
+    if not backward:
+        return res
+
+    def cast_grad_state(g):
+        return None if g is None else np.asarray(state_to_ref(g, unbatched), ref_dtype)
+
+    gout = None
+    if grad_out is not None:
+        gout = np.asarray(to_time_major(grad_out, batch_first, unbatched), ref_dtype)
+    if lstm:
+        gh, gc = (None, None) if grad_state is None else grad_state
+        g = R.lstm_backward(cache, gout, cast_grad_state(gh), cast_grad_state(gc))
+        res["dc0"] = state_from_ref(g["c0"], unbatched)
+    else:
+        g = R.rnn_backward(cache, gout, cast_grad_state(grad_state))
+    res["dx"] = from_time_major(g["x"], batch_first, unbatched)
+    res["dh0"] = state_from_ref(g["h0"], unbatched)
+    res["grads"] = {k: g[REF_GRAD_NAMES[k]] for k in params}
+    return res
+
+
+def run_layer(layer, kind, x, hx=None, grad_out=None, grad_state=None, backward=True):
+    """Forward (and backward) through a fastrnn layer; results as in ``run_reference``."""
+    res = {}
+    if kind == "lstm":
+        out, (h_n, c_n) = layer(x, hx)
+        res.update(out=out, h_n=h_n, c_n=c_n)
+        if backward:
+            dx, (dh0, dc0) = layer.backward(grad_out, grad_state)
+            res.update(dx=dx, dh0=dh0, dc0=dc0)
+    else:
+        out, h_n = layer(x, hx)
+        res.update(out=out, h_n=h_n)
+        if backward:
+            dx, dh0 = layer.backward(grad_out, grad_state)
+            res.update(dx=dx, dh0=dh0)
+    if backward:
+        res["grads"] = {k: np.array(v) for k, v in layer.grads.items()}
+    return res
+
+
+def compare(got, ref, dtype, grad_tol_kind="grad"):
+    """Every output/state/gradient of ``got`` against ``ref`` with the dtype's tolerances."""
+    for name in ("out", "h_n", "c_n"):
+        if name in ref:
+            assert got[name].dtype == np.dtype(dtype), name
+            assert_close(got[name], ref[name], dtype, "fwd", name)
+    for name in ("dx", "dh0", "dc0"):
+        if name in ref:
+            assert got[name] is not None, name
+            assert got[name].dtype == np.dtype(dtype), name
+            assert_close(got[name], ref[name], dtype, grad_tol_kind, name)
+    if "grads" in ref:
+        assert list(got["grads"]) == list(ref["grads"])
+        for k in ref["grads"]:
+            assert_close(got["grads"][k], ref["grads"][k], dtype, grad_tol_kind, f"grads[{k!r}]")
+
+
+def snapshot(obj):
+    """Deep copy of arrays inside (nested) tuples, for 'inputs never modified' checks."""
+    if obj is None:
+        return None
+    if isinstance(obj, tuple):
+        return tuple(snapshot(o) for o in obj)
+    return np.array(obj, copy=True)
+
+
+def assert_same(a, b):
+    if a is None or b is None:
+        assert a is None and b is None
+    elif isinstance(a, tuple):
+        assert len(a) == len(b)
+        for u, v in zip(a, b):
+            assert_same(u, v)
+    else:
+        np.testing.assert_array_equal(a, b)
+
+
+# ----------------------------------------------------------------- parity with the reference
+
+
+@dataclass(frozen=True)
+class Case:
+    I: int
+    H: int
+    B: int | None  # None = unbatched input (T, I)
+    T: int
+    bias: bool = True
+    batch_first: bool = False
+    hx: bool = True  # False: hx=None
+    # both | out (grad_state None) | state (grad_out None) | h, c (LSTM: only that grad_state)
+    grads: str = "both"
+
+    @property
+    def id(self):
+        b = "unbatched" if self.B is None else f"B{self.B}"
+        return (f"I{self.I}-H{self.H}-{b}-T{self.T}-{'bias' if self.bias else 'nobias'}"
+                f"-{'bf' if self.batch_first else 'tm'}-{'hx' if self.hx else 'nohx'}"
+                f"-g_{self.grads}")
+
+
+CASES = [
+    Case(1, 1, 1, 1),
+    Case(3, 7, 3, 5),
+    Case(3, 7, 3, 5, bias=False, hx=False, grads="out"),
+    Case(3, 7, 8, 1, batch_first=True, grads="state"),
+    Case(17, 33, 1, 5, hx=False),
+    Case(17, 33, 8, 5, batch_first=True, grads="h"),
+    Case(65, 17, 3, 5, bias=False, batch_first=True),
+    Case(65, 17, 8, 1, hx=False, grads="c"),
+    Case(33, 65, 3, 5),
+    Case(33, 65, 1, 1, bias=False, batch_first=True, hx=False),
+    Case(3, 7, None, 5),
+    Case(17, 33, None, 1, bias=False, hx=False, grads="out"),
+    Case(130, 257, 3, 5),
+    Case(130, 257, 8, 1, bias=False, batch_first=True, hx=False, grads="h"),
+]
+
+
+def run_case(kind, case, dtype, rng, seed=1):
+    unbatched = case.B is None
+    B = 1 if unbatched else case.B
+    layer = make_layer(kind, case.I, case.H, dtype, seed=seed, bias=case.bias,
+                       batch_first=case.batch_first)
+    x = rng.standard_normal(x_shape(case.T, B, case.I, case.batch_first, unbatched)).astype(dtype)
+    hx = make_hx(kind, rng, B, case.H, dtype, unbatched) if case.hx else None
+    out_shape = x.shape[:-1] + (case.H,)
+    grad_out = None if case.grads == "state" else rng.standard_normal(out_shape).astype(dtype)
+    if case.grads == "out":
+        grad_state = None
+    else:
+        which = case.grads if case.grads in ("h", "c") else "both"
+        grad_state = make_grad_state(kind, rng, B, case.H, dtype, unbatched, which)
+    got = run_layer(layer, kind, x, hx, grad_out, grad_state)
+    ref = run_reference(kind, layer.state_dict(), x, hx, grad_out, grad_state,
+                        batch_first=case.batch_first, unbatched=unbatched)
+    return got, ref, x
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_matches_reference(isa, kind, dtype, case, rng):
+    got, ref, x = run_case(kind, case, dtype, rng)
+    assert got["out"].shape == x.shape[:-1] + (case.H,)
+    assert got["dx"].shape == x.shape
+    compare(got, ref, dtype)
+
+
+# ----------------------------------------------------------------- hx / batch 0 / accumulation
+
+
+@pytest.mark.parametrize("unbatched", [False, True], ids=["batched", "unbatched"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_hx_none_equals_zeros(kind, dtype, unbatched, rng):
+    I, H, B, T = 5, 9, 3, 4
+    x = rng.standard_normal(x_shape(T, B, I, unbatched=unbatched)).astype(dtype)
+    grad_out = rng.standard_normal(x.shape[:-1] + (H,)).astype(dtype)
+    zeros = np.zeros(state_shape(B, H, unbatched), dtype)
+    hx0 = (zeros, zeros.copy()) if kind == "lstm" else zeros
+    a = run_layer(make_layer(kind, I, H, dtype, seed=3), kind, x, None, grad_out)
+    b = run_layer(make_layer(kind, I, H, dtype, seed=3), kind, x, hx0, grad_out)
+    for name in a:
+        if name == "grads":
+            for k in a["grads"]:
+                assert rel_err(a["grads"][k], b["grads"][k]) <= tol(dtype, "fwd"), k
+        else:
+            assert a[name] is not None, name
+            assert a[name].shape == b[name].shape, name
+            assert rel_err(a[name], b[name]) <= tol(dtype, "fwd"), name
+
+
+@pytest.mark.parametrize("batch_first", [False, True], ids=["tm", "bf"])
+@pytest.mark.parametrize("with_hx", [False, True], ids=["nohx", "hx"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_batch_zero(kind, with_hx, batch_first, rng):
+    I, H, T = 4, 6, 3
+    dtype = np.float32
+    layer = make_layer(kind, I, H, dtype, batch_first=batch_first)
+    # Put something into layer.grads first: batch 0 must add nothing to it.
+    x1 = rng.standard_normal(x_shape(T, 2, I, batch_first)).astype(dtype)
+    run_layer(layer, kind, x1, None, rng.standard_normal(x1.shape[:-1] + (H,)).astype(dtype))
+    before = {k: np.array(v) for k, v in layer.grads.items()}
+
+    x = np.zeros(x_shape(T, 0, I, batch_first), dtype)
+    hx = make_hx(kind, rng, 0, H, dtype) if with_hx else None
+    grad_out = np.zeros(x.shape[:-1] + (H,), dtype)
+    got = run_layer(layer, kind, x, hx, grad_out, None)
+    assert got["out"].shape == x.shape[:-1] + (H,)
+    assert got["h_n"].shape == (1, 0, H)
+    assert got["dx"].shape == x.shape
+    assert got["dh0"].shape == (1, 0, H)
+    if kind == "lstm":
+        assert got["c_n"].shape == (1, 0, H)
+        assert got["dc0"].shape == (1, 0, H)
+    for k, v in before.items():
+        np.testing.assert_array_equal(layer.grads[k], v, err_msg=k)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_grads_accumulate_and_zero_grad(kind, dtype, rng):
+    I, H, B, T = 5, 11, 3, 4
+    layer = make_layer(kind, I, H, dtype, seed=7)
+    sd = layer.state_dict()
+    assert list(layer.grads) == list(sd)
+    for k, v in layer.grads.items():
+        assert v.shape == sd[k].shape and v.dtype == np.dtype(dtype), k
+        assert not np.any(v), f"{k} not zero initially"
+
+    refs = []
+    for _ in range(2):
+        x = rng.standard_normal((T, B, I)).astype(dtype)
+        hx = make_hx(kind, rng, B, H, dtype)
+        gout = rng.standard_normal((T, B, H)).astype(dtype)
+        gstate = make_grad_state(kind, rng, B, H, dtype)
+        run_layer(layer, kind, x, hx, gout, gstate)
+        refs.append(run_reference(kind, sd, x, hx, gout, gstate)["grads"])
+    for k in sd:
+        assert_close(layer.grads[k], refs[0][k] + refs[1][k], dtype, "grad", k)
+
+    layer.zero_grad()
+    assert list(layer.grads) == list(sd)
+    for k, v in layer.grads.items():
+        assert v.shape == sd[k].shape
+        assert not np.any(v), f"{k} not zeroed"
+
+    x = rng.standard_normal((T, B, I)).astype(dtype)
+    gout = rng.standard_normal((T, B, H)).astype(dtype)
+    run_layer(layer, kind, x, None, gout)
+    ref = run_reference(kind, sd, x, None, gout)["grads"]
+    for k in sd:
+        assert_close(layer.grads[k], ref[k], dtype, "grad", k)
+
+
+# ----------------------------------------------------------------- train / eval
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_train_eval_modes(kind, rng):
+    layer = make_layer(kind, 3, 4)
+    assert layer.training is True
+    assert layer.eval() is layer
+    assert layer.training is False
+    assert layer.train() is layer
+    assert layer.training is True
+    assert layer.train(False) is layer
+    assert layer.training is False
+    assert layer.train(True) is layer
+    assert layer.training is True
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_backward_requires_training_forward(kind, rng):
+    x = rng.standard_normal((3, 2, 3)).astype(np.float32)
+    gout = np.ones((3, 2, 4), np.float32)
+
+    fresh = make_layer(kind, 3, 4)
+    with pytest.raises(RuntimeError):
+        fresh.backward(gout)
+
+    evaluated = make_layer(kind, 3, 4).eval()
+    evaluated(x)
+    with pytest.raises(RuntimeError):
+        evaluated.backward(gout)
+    for v in evaluated.grads.values():
+        assert not np.any(v)
+
+    layer = make_layer(kind, 3, 4)
+    layer(x)
+    layer.backward(gout)
+    grads = {k: np.array(v) for k, v in layer.grads.items()}
+    with pytest.raises(RuntimeError):
+        layer.backward(gout)
+    for k, v in grads.items():
+        np.testing.assert_array_equal(layer.grads[k], v, err_msg=k)
+    # A new training forward makes backward possible again.
+    layer(x)
+    layer.backward(gout)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_eval_forward_matches_reference(kind, dtype, rng):
+    layer = make_layer(kind, 6, 10, dtype).eval()
+    x = rng.standard_normal((4, 3, 6)).astype(dtype)
+    hx = make_hx(kind, rng, 3, 10, dtype)
+    got = run_layer(layer, kind, x, hx, backward=False)
+    compare(got, run_reference(kind, layer.state_dict(), x, hx, backward=False), dtype)
+
+
+# ----------------------------------------------------------------- state_dict / parameters
+
+
+def expected_param_shapes(kind, I, H, bias=True):
+    G = gate_count(kind)
+    shapes = {"weight_ih_l0": (G * H, I), "weight_hh_l0": (G * H, H)}
+    if bias:
+        shapes.update(bias_ih_l0=(G * H,), bias_hh_l0=(G * H,))
+    return shapes
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_state_dict_names_shapes_order(kind, dtype, bias):
+    I, H = 5, 7
+    layer = make_layer(kind, I, H, dtype, bias=bias)
+    sd = layer.state_dict()
+    shapes = expected_param_shapes(kind, I, H, bias)
+    assert list(sd) == list(shapes)
+    for k, shape in shapes.items():
+        assert sd[k].shape == shape, k
+        assert sd[k].dtype == np.dtype(dtype), k
+        np.testing.assert_array_equal(sd[k], getattr(layer, k), err_msg=k)
+        assert getattr(layer, k).shape == shape
+    if not bias:
+        assert getattr(layer, "bias_ih_l0", None) is None
+        assert getattr(layer, "bias_hh_l0", None) is None
+    # state_dict returns copies: changing them leaves the layer alone.
+    before = {k: np.array(getattr(layer, k)) for k in shapes}
+    for v in sd.values():
+        v[...] = 42
+    for k in shapes:
+        np.testing.assert_array_equal(getattr(layer, k), before[k], err_msg=k)
+        np.testing.assert_array_equal(layer.state_dict()[k], before[k], err_msg=k)
+
+
+@pytest.mark.parametrize("as_lists", [False, True], ids=["arrays", "lists"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_load_state_dict_round_trip(kind, dtype, as_lists, rng):
+    I, H = 4, 6
+    src = make_layer(kind, I, H, dtype, seed=1)
+    dst = make_layer(kind, I, H, dtype, seed=2)
+    sd = src.state_dict()
+    assert any(not np.array_equal(sd[k], v) for k, v in dst.state_dict().items())
+    dst.load_state_dict({k: v.tolist() for k, v in sd.items()} if as_lists else sd)
+    for k, v in dst.state_dict().items():
+        assert v.dtype == np.dtype(dtype)
+        np.testing.assert_array_equal(v, sd[k], err_msg=k)
+    x = rng.standard_normal((3, 2, I)).astype(dtype)
+    a = run_layer(src.eval(), kind, x, backward=False)
+    b = run_layer(dst.eval(), kind, x, backward=False)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_load_state_dict_casts_to_layer_dtype(kind, rng):
+    layer = make_layer(kind, 3, 5, np.float32)
+    sd64 = {k: rng.uniform(-0.3, 0.3, v.shape) for k, v in layer.state_dict().items()}
+    layer.load_state_dict(sd64)
+    for k, v in layer.state_dict().items():
+        assert v.dtype == np.float32
+        np.testing.assert_array_equal(v, sd64[k].astype(np.float32), err_msg=k)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_load_state_dict_errors_leave_layer_unchanged(kind, rng):
+    I, H = 4, 6
+    layer = make_layer(kind, I, H)
+    before = layer.state_dict()
+    good = {k: rng.uniform(-1, 1, v.shape).astype(np.float32) for k, v in before.items()}
+
+    def assert_unchanged():
+        for k, v in layer.state_dict().items():
+            np.testing.assert_array_equal(v, before[k], err_msg=k)
+
+    missing = dict(good)
+    del missing["weight_hh_l0"]
+    with pytest.raises(KeyError, match="weight_hh_l0"):
+        layer.load_state_dict(missing)
+    assert_unchanged()
+
+    missing_bias = dict(good)
+    del missing_bias["bias_hh_l0"]
+    with pytest.raises(KeyError, match="bias_hh_l0"):
+        layer.load_state_dict(missing_bias)
+    assert_unchanged()
+
+    unexpected = dict(good, weight_ih_l1=good["weight_ih_l0"])
+    with pytest.raises(KeyError, match="weight_ih_l1"):
+        layer.load_state_dict(unexpected)
+    assert_unchanged()
+
+    # The wrong-shaped entry comes last so that an implementation updating in place would
+    # already have changed the earlier ones.
+    wrong_shape = dict(good)
+    wrong_shape["bias_hh_l0"] = np.zeros(gate_count(kind) * H + 1, np.float32)
+    with pytest.raises(ValueError, match="bias_hh_l0"):
+        layer.load_state_dict(wrong_shape)
+    assert_unchanged()
+
+    wrong_shape = dict(good)
+    wrong_shape["weight_hh_l0"] = np.zeros((H, H + 1) if kind != "lstm" else (H, 4 * H))
+    with pytest.raises(ValueError, match="weight_hh_l0"):
+        layer.load_state_dict(wrong_shape)
+    assert_unchanged()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_load_state_dict_nobias_rejects_bias_keys(kind):
+    layer = make_layer(kind, 3, 4, bias=False)
+    sd = make_layer(kind, 3, 4, bias=True).state_dict()
+    with pytest.raises(KeyError, match="bias_ih_l0"):
+        layer.load_state_dict(sd)
+
+
+@pytest.mark.parametrize("name", PARAM_NAMES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_parameters_are_read_only(kind, name):
+    layer = make_layer(kind, 3, 4)
+    before = np.array(getattr(layer, name))
+    with pytest.raises(ValueError):
+        getattr(layer, name)[0] = 1.0
+    with pytest.raises(ValueError):
+        getattr(layer, name)[...] += 1.0
+    np.testing.assert_array_equal(getattr(layer, name), before)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("name", PARAM_NAMES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_assigning_parameter_takes_effect(kind, name, dtype, rng):
+    I, H = 5, 8
+    layer = make_layer(kind, I, H, dtype)
+    x = rng.standard_normal((3, 2, I)).astype(dtype)
+    gout = rng.standard_normal((3, 2, H)).astype(dtype)
+    run_layer(layer, kind, x, None, gout)  # forward/backward before the change: caches, packing
+    layer.zero_grad()
+
+    new = rng.uniform(-0.5, 0.5, getattr(layer, name).shape).astype(dtype)
+    setattr(layer, name, new)
+    np.testing.assert_array_equal(getattr(layer, name), new)
+    np.testing.assert_array_equal(layer.state_dict()[name], new)
+    got = run_layer(layer, kind, x, None, gout)
+    compare(got, run_reference(kind, layer.state_dict(), x, None, gout), dtype)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_assigned_parameter_is_read_only(kind, rng):
+    layer = make_layer(kind, 3, 4)
+    layer.weight_hh_l0 = rng.uniform(-0.5, 0.5, layer.weight_hh_l0.shape).astype(np.float32)
+    with pytest.raises(ValueError):
+        layer.weight_hh_l0[0, 0] = 1.0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_assigning_wrong_shape_is_an_error(kind, rng):
+    layer = make_layer(kind, 3, 4)
+    x = rng.standard_normal((2, 1, 3)).astype(np.float32)
+    with pytest.raises(ValueError):
+        layer.weight_hh_l0 = np.zeros((5, 5), np.float32)
+        layer(x)  # an error either at assignment or at the next call, never a crash
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("H", [1, 16, 100])
+def test_init_range_and_seed(kind, dtype, H):
+    I = 7
+    bound = 1.0 / np.sqrt(H)
+    a = make_layer(kind, I, H, dtype, seed=123)
+    b = make_layer(kind, I, H, dtype, seed=123)
+    c = make_layer(kind, I, H, dtype, seed=124)
+    d = make_layer(kind, I, H, dtype, seed=np.random.default_rng(5))
+    e = make_layer(kind, I, H, dtype, seed=np.random.default_rng(5))
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    for k, v in sa.items():
+        assert np.all(np.abs(v) <= bound), k
+        np.testing.assert_array_equal(v, sb[k], err_msg=k)
+        np.testing.assert_array_equal(d.state_dict()[k], e.state_dict()[k], err_msg=k)
+    assert any(not np.array_equal(v, sc[k]) for k, v in sa.items())
+    allw = np.concatenate([v.ravel() for v in sa.values()])
+    if allw.size >= 100:  # spread over the range, not a constant
+        assert allw.max() > 0.5 * bound and allw.min() < -0.5 * bound
+        assert len(np.unique(allw)) > 0.9 * allw.size
+
+
+def test_seed_none_is_random():
+    a, b = fastrnn.LSTM(5, 6, seed=None), fastrnn.LSTM(5, 6)
+    assert not np.array_equal(a.weight_ih_l0, b.weight_ih_l0)
+
+
+UNSUPPORTED = {
+    "num_layers": dict(num_layers=2),
+    "bidirectional": dict(bidirectional=True),
+    "dropout": dict(dropout=0.5),
+    "proj_size": dict(proj_size=3),  # an LSTM option
+}
+UNSUPPORTED_CASES = [(k, o) for k in KINDS for o in UNSUPPORTED if k == "lstm" or o != "proj_size"]
+
+
+@pytest.mark.parametrize(
+    "kind,option", UNSUPPORTED_CASES, ids=[f"{k}-{o}" for k, o in UNSUPPORTED_CASES]
+)
+def test_not_implemented_options(kind, option):
+    with pytest.raises(NotImplementedError):
+        make_layer(kind, 3, 4, **UNSUPPORTED[option])
+
+
+# ----------------------------------------------------------------- numerics
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("kind", ["lstm", "rnn_tanh"])
+def test_long_sequence(isa, kind, dtype, rng):
+    T, B, I, H = 2000, 2, 16, 32
+    layer = make_layer(kind, I, H, dtype, seed=11)
+    x = rng.standard_normal((T, B, I)).astype(dtype)
+    hx = make_hx(kind, rng, B, H, dtype)
+    gout = rng.standard_normal((T, B, H)).astype(dtype)
+    got = run_layer(layer, kind, x, hx, gout)
+    for name, v in got.items():
+        for a in (v.values() if name == "grads" else [v]):
+            assert np.all(np.isfinite(a)), name
+    ref = run_reference(kind, layer.state_dict(), x, hx, gout)
+    fwd_tol = 1e-4 if dtype == np.float32 else tol(dtype, "fwd")
+    for name in ("out", "h_n", "c_n"):
+        if name in ref:
+            assert rel_err(got[name], ref[name]) <= fwd_tol, name
+    compare({k: got[k] for k in ("dx", "dh0", "dc0", "grads") if k in got},
+            {k: ref[k] for k in ("dx", "dh0", "dc0", "grads") if k in ref}, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_extreme_inputs_saturate(isa, kind, dtype, rng):
+    T, B, I, H = 4, 3, 5, 7
+    layer = make_layer(kind, I, H, dtype, seed=5)
+    x = (np.where(rng.random((T, B, I)) < 0.5, -1.0, 1.0) * 1e30).astype(dtype)
+    gout = rng.standard_normal((T, B, H)).astype(dtype)
+    got = run_layer(layer, kind, x, None, gout)
+    for name in ("out", "h_n", "c_n", "dx", "dh0", "dc0"):
+        if name in got:
+            assert np.all(np.isfinite(got[name])), name
+    if kind != "rnn_relu":
+        assert np.all(np.abs(got["out"]) <= 1) and np.all(np.abs(got["h_n"]) <= 1)
+    if kind == "lstm":
+        assert np.all(np.abs(got["c_n"]) <= T)
+    with np.errstate(all="ignore"):
+        ref = run_reference(kind, layer.state_dict(), x, None, gout, backward=False)
+    if all(np.all(np.isfinite(v)) for v in ref.values()):
+        compare(got, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_nan_propagates_only_in_its_batch_row(isa, kind, dtype, rng):
+    T, B, I, H = 5, 3, 17, 19  # sizes not multiples of the SIMD width: body and tail
+    t0, bad = 2, 1
+    layer = make_layer(kind, I, H, dtype, seed=9)
+    x = rng.standard_normal((T, B, I)).astype(dtype)
+    x[t0, bad, I // 2] = np.nan
+    gout = rng.standard_normal((T, B, H)).astype(dtype)
+    got = run_layer(layer, kind, x, None, gout)
+    good = [b for b in range(B) if b != bad]
+    out = got["out"]
+    assert np.all(np.isfinite(out[:t0])), "outputs before the NaN"
+    assert np.all(np.isfinite(out[:, good])), "other batch rows"
+    assert np.all(np.isnan(out[t0:, bad])), "NaN must reach every output of its row from t0 on"
+    for name in ("h_n", "c_n"):
+        if name in got:
+            assert np.all(np.isnan(got[name][0, bad])), name
+            assert np.all(np.isfinite(got[name][0, good])), name
+    for name in ("dx", "dh0", "dc0"):
+        if name in got:
+            assert np.all(np.isfinite(got[name][..., good, :])), name
+
+
+# ----------------------------------------------------------------- memory layout / aliasing
+
+
+@pytest.mark.parametrize(
+    "unbatched,batch_first",
+    [(False, False), (False, True), (True, False)],
+    ids=["time_major", "batch_first", "unbatched"],
+)
+@pytest.mark.parametrize("kind", KINDS)
+def test_inputs_never_modified(kind, unbatched, batch_first, rng):
+    I, H, B, T = 5, 9, 3, 4
+    dtype = np.float32
+    layer = make_layer(kind, I, H, dtype, batch_first=batch_first)
+    x = rng.standard_normal(x_shape(T, B, I, batch_first, unbatched)).astype(dtype)
+    hx = make_hx(kind, rng, B, H, dtype, unbatched)
+    gout = rng.standard_normal(x.shape[:-1] + (H,)).astype(dtype)
+    gstate = make_grad_state(kind, rng, B, H, dtype, unbatched)
+    saved = snapshot((x, hx, gout, gstate))
+    params = layer.state_dict()
+
+    first = run_layer(layer, kind, x, hx, gout, gstate)
+    assert_same((x, hx, gout, gstate), saved)
+    for k, v in layer.state_dict().items():
+        np.testing.assert_array_equal(v, params[k], err_msg=k)
+    first_copy = {k: snapshot(v) for k, v in first.items() if k != "grads"}
+
+    # Returned arrays are not views of internal buffers that a later call overwrites.
+    x2 = rng.standard_normal(x.shape).astype(dtype)
+    run_layer(layer, kind, x2, None, gout * 2, None)
+    for k, v in first_copy.items():
+        np.testing.assert_array_equal(first[k], v, err_msg=k)
+    for k in ("out", "dx"):
+        assert not np.shares_memory(first[k], x) and not np.shares_memory(first[k], gout)
+
+
+def _layout(a, variant):
+    """``a`` (C-contiguous) re-laid out as ``variant``; values are unchanged."""
+    if variant == "strided":
+        big = np.zeros(tuple(2 * n + 1 for n in a.shape), a.dtype)
+        view = big[tuple(slice(1, None, 2) for _ in a.shape)]
+        view[...] = a
+        return view
+    if variant == "fortran":
+        return np.asfortranarray(a)
+    if variant == "negstride":
+        return np.ascontiguousarray(a[::-1, ..., ::-1])[::-1, ..., ::-1]
+    if variant == "readonly":
+        r = a.copy()
+        r.setflags(write=False)
+        return r
+    if variant == "misaligned":
+        raw = np.zeros(a.nbytes + 1, np.uint8)
+        m = raw[1:].view(a.dtype).reshape(a.shape)  # one byte off the allocation's alignment
+        m[...] = a
+        return m
+    raise AssertionError(variant)
+
+
+def _relayout(obj, variant):
+    if obj is None:
+        return None
+    if isinstance(obj, tuple):
+        return tuple(_relayout(o, variant) for o in obj)
+    return _layout(obj, variant)
+
+
+@pytest.mark.parametrize("variant", ["strided", "fortran", "negstride", "readonly", "misaligned"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_input_layouts(isa, kind, variant, rng):
+    I, H, B, T = 7, 13, 3, 5
+    dtype = np.float32
+    x = rng.standard_normal((T, B, I)).astype(dtype)
+    hx = make_hx(kind, rng, B, H, dtype)
+    gout = rng.standard_normal((T, B, H)).astype(dtype)
+    gstate = make_grad_state(kind, rng, B, H, dtype)
+
+    args = _relayout((x, hx, gout, gstate), variant)
+    if variant == "fortran":
+        assert not args[0].flags.c_contiguous and args[0].flags.f_contiguous
+    elif variant == "negstride":
+        assert args[0].strides[0] < 0
+    elif variant == "misaligned":
+        assert not args[0].flags.aligned
+    elif variant == "strided":
+        assert not args[0].flags.c_contiguous and not args[0].flags.f_contiguous
+    saved = snapshot(args)
+
+    expected = run_layer(make_layer(kind, I, H, dtype, seed=4), kind, x, hx, gout, gstate)
+    got = run_layer(make_layer(kind, I, H, dtype, seed=4), kind, *args)
+    assert_same(args, saved)
+    for name in expected:
+        if name == "grads":
+            for k in expected["grads"]:
+                assert rel_err(got["grads"][k], expected["grads"][k]) <= tol(dtype, "fwd"), k
+        else:
+            assert got[name].shape == expected[name].shape, name
+            assert rel_err(got[name], expected[name]) <= tol(dtype, "fwd"), name
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_input_layouts_batch_first_negative_stride(kind, rng):
+    """x[::-1] on the batch axis with batch_first=True (reversed batch order)."""
+    I, H, B, T = 6, 10, 4, 3
+    layer = make_layer(kind, I, H, np.float32, batch_first=True).eval()
+    x = rng.standard_normal((B, T, I)).astype(np.float32)
+    got = run_layer(layer, kind, x[::-1], backward=False)
+    expected = run_layer(layer, kind, np.ascontiguousarray(x[::-1]), backward=False)
+    for name in expected:
+        assert rel_err(got[name], expected[name]) <= tol(np.float32, "fwd"), name
+
+
+# ----------------------------------------------------------------- threads
+
+
+N_THREADS, N_CALLS = 4, 10
+
+
+@pytest.mark.parametrize("mode", ["own_layer_train", "shared_layer_eval"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_threads_match_serial(isa, kind, mode, rng):
+    I, H, B, T = 24, 40, 5, 12
+    dtype = np.float32
+    inputs = []
+    for _ in range(N_THREADS * N_CALLS):
+        x = rng.standard_normal((T, B, I)).astype(dtype)
+        hx = make_hx(kind, rng, B, H, dtype)
+        gout = rng.standard_normal((T, B, H)).astype(dtype)
+        inputs.append((x, hx, gout))
+    backward = mode == "own_layer_train"
+
+    def calls(layer, indices):
+        results = {}
+        for i in indices:
+            x, hx, gout = inputs[i]
+            res = run_layer(layer, kind, x, hx, gout, None, backward=backward)
+            res.pop("grads", None)
+            results[i] = res
+        return results
+
+    serial_layer = make_layer(kind, I, H, dtype, seed=21)
+    if not backward:
+        serial_layer.eval()
+    serial = calls(serial_layer, range(len(inputs)))
+
+    shared = make_layer(kind, I, H, dtype, seed=21).eval()
+    barrier = threading.Barrier(N_THREADS)
+
+    def worker(t):
+        layer = make_layer(kind, I, H, dtype, seed=21) if backward else shared
+        barrier.wait()
+        res = calls(layer, range(t, len(inputs), N_THREADS))
+        return res, (layer.grads if backward else None)
+
+    with ThreadPoolExecutor(N_THREADS) as pool:
+        outcomes = list(pool.map(worker, range(N_THREADS)))
+
+    for res, _ in outcomes:
+        for i, r in res.items():
+            for name, v in r.items():
+                assert rel_err(v, serial[i][name]) <= tol(dtype, "fwd"), (i, name)
+    if backward:
+        total = {k: sum(g[k] for _, g in outcomes) for k in serial_layer.grads}
+        for k, v in total.items():
+            assert rel_err(v, serial_layer.grads[k]) <= tol(dtype, "grad"), k
+
+
+def test_denormal_mode_restored_after_calls(rng):
+    """Kernels may flush denormals internally, but the caller's FP mode must be restored."""
+    layer = fastrnn.LSTM(4, 5)
+    x = rng.standard_normal((3, 2, 4)).astype(np.float32)
+    layer(x)
+    layer.backward(np.ones((3, 2, 5), np.float32))
+    tiny = np.array([np.finfo(np.float32).tiny], np.float32)
+    assert (tiny / np.float32(4))[0] != 0, "FTZ left enabled after a fastrnn call"
+    denormal = np.array([1e-40], np.float32)
+    assert (denormal * np.float32(2))[0] != 0, "DAZ left enabled after a fastrnn call"
