@@ -3,6 +3,9 @@
 #pragma once
 #include <cstdint>
 #include <cstring>
+#if defined(__SSE2__)
+#include <emmintrin.h>  // part of the x86-64 baseline
+#endif
 
 namespace fastrnn {
 namespace scalar {
@@ -26,8 +29,10 @@ struct Lane {
   friend Lane operator*(Lane a, Lane b) { return {a.v * b.v}; }
   friend Lane operator/(Lane a, Lane b) { return {a.v / b.v}; }
   friend Lane fma(Lane a, Lane b, Lane c) { return {a.v * b.v + c.v}; }
-  friend Lane min(Lane a, Lane b) { return {a.v < b.v ? a.v : b.v}; }
-  friend Lane max(Lane a, Lane b) { return {a.v > b.v ? a.v : b.v}; }
+  // On x86 the SSE instructions, so denormal operands (seen as 0 under DAZ) and NaN behave as in
+  // the SIMD ISAs, and the compiler cannot turn the clamps into branches it constant-folds.
+  friend Lane min(Lane a, Lane b) { return {min_of(a.v, b.v)}; }
+  friend Lane max(Lane a, Lane b) { return {max_of(a.v, b.v)}; }
   friend Lane abs(Lane a) { return {from_bits(bits(a.v) & ~sign_bit())}; }
   friend Lane copysign(Lane mag, Lane sgn) {
     return {from_bits((bits(mag.v) & ~sign_bit()) | (bits(sgn.v) & sign_bit()))};
@@ -46,6 +51,15 @@ struct Lane {
   }
 
  private:
+#if defined(__SSE2__)
+  static float min_of(float a, float b) { return _mm_cvtss_f32(_mm_min_ss(_mm_set_ss(a), _mm_set_ss(b))); }
+  static float max_of(float a, float b) { return _mm_cvtss_f32(_mm_max_ss(_mm_set_ss(a), _mm_set_ss(b))); }
+  static double min_of(double a, double b) { return _mm_cvtsd_f64(_mm_min_sd(_mm_set_sd(a), _mm_set_sd(b))); }
+  static double max_of(double a, double b) { return _mm_cvtsd_f64(_mm_max_sd(_mm_set_sd(a), _mm_set_sd(b))); }
+#else
+  static T min_of(T a, T b) { return a < b ? a : b; }
+  static T max_of(T a, T b) { return a > b ? a : b; }
+#endif
   static Bits sign_bit() { return Bits(1) << (sizeof(Bits) * 8 - 1); }
   static Bits bits(T x) {
     Bits b;
