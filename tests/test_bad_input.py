@@ -10,7 +10,7 @@ import pytest
 import fastrnn
 
 KINDS = ["lstm", "rnn_tanh", "rnn_relu"]
-I, H, B, T = 10, 20, 3, 5
+IN, H, B, T = 10, 20, 3, 5
 F32 = np.float32
 
 # Loose patterns for "the message names the argument".
@@ -26,12 +26,12 @@ SHAPE_1_3_20 = r"\(1, 3, 20\)|\[1, 3, 20\]"
 
 def make_layer(kind, dtype=F32, **kwargs):
     if kind == "lstm":
-        return fastrnn.LSTM(I, H, dtype=dtype, seed=0, **kwargs)
-    return fastrnn.RNN(I, H, nonlinearity=kind[4:], dtype=dtype, seed=0, **kwargs)
+        return fastrnn.LSTM(IN, H, dtype=dtype, seed=0, **kwargs)
+    return fastrnn.RNN(IN, H, nonlinearity=kind[4:], dtype=dtype, seed=0, **kwargs)
 
 
 def good_x(dtype=F32):
-    return np.zeros((T, B, I), dtype)
+    return np.zeros((T, B, IN), dtype)
 
 
 def states(kind, h_shape=(1, B, H), c_shape=None, h_dtype=F32, c_dtype=F32):
@@ -48,7 +48,7 @@ def call(layer, x, hx=None):
 # --------------------------------------------------------------------------- x
 
 
-@pytest.mark.parametrize("shape", [(I,), (2, T, B, I), (1, 1, 1, 1, I)], ids=["1d", "4d", "5d"])
+@pytest.mark.parametrize("shape", [(IN,), (2, T, B, IN), (1, 1, 1, 1, IN)], ids=["1d", "4d", "5d"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_x_wrong_ndim(kind, shape):
     with pytest.raises(ValueError, match=X):
@@ -56,7 +56,7 @@ def test_x_wrong_ndim(kind, shape):
 
 
 @pytest.mark.parametrize(
-    "shape", [(T, B, 7), (T, B, I + 1), (T, 7), (T, B, 0)], ids=["3d", "3d+1", "unbatched", "zero"]
+    "shape", [(T, B, 7), (T, B, IN + 1), (T, 7), (T, B, 0)], ids=["3d", "3d+1", "unbatched", "zero"]
 )
 @pytest.mark.parametrize("kind", KINDS)
 def test_x_wrong_feature_size(kind, shape):
@@ -70,9 +70,9 @@ def test_x_wrong_feature_size(kind, shape):
 @pytest.mark.parametrize("kind", KINDS)
 def test_sequence_length_zero(kind, shape, batch_first):
     if shape == "unbatched":
-        x = np.zeros((0, I), F32)
+        x = np.zeros((0, IN), F32)
     else:
-        x = np.zeros((B, 0, I) if batch_first else (0, B, I), F32)
+        x = np.zeros((B, 0, IN) if batch_first else (0, B, IN), F32)
     with pytest.raises(ValueError, match=r"sequence length|\bT\b"):
         call(make_layer(kind, batch_first=batch_first), x)
 
@@ -85,22 +85,22 @@ def test_sequence_length_zero(kind, shape, batch_first):
 )
 def test_x_dtype_mismatch(kind, x_dtype, layer_dtype):
     with pytest.raises(TypeError, match=X) as info:
-        call(make_layer(kind, dtype=layer_dtype), np.zeros((T, B, I), x_dtype))
+        call(make_layer(kind, dtype=layer_dtype), np.zeros((T, B, IN), x_dtype))
     assert np.dtype(layer_dtype).name in str(info.value)
 
 
 BAD_X = {
-    "int32": lambda: np.zeros((T, B, I), np.int32),
-    "int64": lambda: np.zeros((T, B, I), np.int64),
-    "bool": lambda: np.zeros((T, B, I), bool),
-    "object": lambda: np.full((T, B, I), 1.0, dtype=object),
-    "object_none": lambda: np.full((T, B, I), None, dtype=object),
-    "str": lambda: np.full((T, B, I), "a"),
-    "bytes": lambda: np.full((T, B, I), b"a"),
-    "complex64": lambda: np.zeros((T, B, I), np.complex64),
-    "complex128": lambda: np.zeros((T, B, I), np.complex128),
-    "structured": lambda: np.zeros((T, B, I), dtype=[("a", F32)]),
-    "datetime": lambda: np.zeros((T, B, I), "datetime64[s]"),
+    "int32": lambda: np.zeros((T, B, IN), np.int32),
+    "int64": lambda: np.zeros((T, B, IN), np.int64),
+    "bool": lambda: np.zeros((T, B, IN), bool),
+    "object": lambda: np.full((T, B, IN), 1.0, dtype=object),
+    "object_none": lambda: np.full((T, B, IN), None, dtype=object),
+    "str": lambda: np.full((T, B, IN), "a"),
+    "bytes": lambda: np.full((T, B, IN), b"a"),
+    "complex64": lambda: np.zeros((T, B, IN), np.complex64),
+    "complex128": lambda: np.zeros((T, B, IN), np.complex128),
+    "structured": lambda: np.zeros((T, B, IN), dtype=[("a", F32)]),
+    "datetime": lambda: np.zeros((T, B, IN), "datetime64[s]"),
 }
 
 
@@ -164,7 +164,7 @@ def test_h_and_c_different_first_dim():
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_unbatched_x_with_batched_h(kind):
-    x = np.zeros((T, I), F32)
+    x = np.zeros((T, IN), F32)
     with pytest.raises(ValueError, match=H0):
         call(make_layer(kind), x, states(kind, h_shape=(1, 1, H)))
 
@@ -172,13 +172,13 @@ def test_unbatched_x_with_batched_h(kind):
 @pytest.mark.parametrize("h_shape", [(2, H), (1, H + 1), (H,)], ids=["layers", "hidden", "1d"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_unbatched_x_with_wrong_h(kind, h_shape):
-    x = np.zeros((T, I), F32)
+    x = np.zeros((T, IN), F32)
     with pytest.raises(ValueError, match=H0):
         call(make_layer(kind), x, states(kind, h_shape=h_shape, c_shape=(1, H)))
 
 
 def test_unbatched_x_with_batched_c():
-    x = np.zeros((T, I), F32)
+    x = np.zeros((T, IN), F32)
     with pytest.raises(ValueError, match=C0):
         call(make_layer("lstm"), x, (np.zeros((1, H), F32), np.zeros((1, 1, H), F32)))
 
@@ -191,7 +191,7 @@ def test_batched_x_with_unbatched_h(kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_batch_first_batch_mismatch(kind):
-    x = np.zeros((B, T, I), F32)
+    x = np.zeros((B, T, IN), F32)
     with pytest.raises(ValueError, match=H0):
         call(make_layer(kind, batch_first=True), x, states(kind, h_shape=(1, T, H)))
 
@@ -256,7 +256,7 @@ def test_backward_wrong_grad_out_shape(kind, shape):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_backward_wrong_grad_out_shape_unbatched(kind):
-    layer = forward(make_layer(kind), np.zeros((T, I), F32))
+    layer = forward(make_layer(kind), np.zeros((T, IN), F32))
     with pytest.raises(ValueError, match=GRAD_OUT):
         layer.backward(np.zeros((T, 1, H), F32))
 
@@ -313,15 +313,15 @@ def test_failed_backward_adds_nothing(kind):
 
 
 CTOR_CASES = [
-    ("hidden_size=0", dict(input_size=I, hidden_size=0), "hidden_size"),
-    ("hidden_size=-3", dict(input_size=I, hidden_size=-3), "hidden_size"),
+    ("hidden_size=0", dict(input_size=IN, hidden_size=0), "hidden_size"),
+    ("hidden_size=-3", dict(input_size=IN, hidden_size=-3), "hidden_size"),
     ("input_size=-1", dict(input_size=-1, hidden_size=H), "input_size"),
     ("input_size=0", dict(input_size=0, hidden_size=H), "input_size"),
-    ("dtype=int32", dict(input_size=I, hidden_size=H, dtype=np.int32), "dtype"),
-    ("dtype=float16", dict(input_size=I, hidden_size=H, dtype=np.float16), "dtype"),
-    ("dtype=complex64", dict(input_size=I, hidden_size=H, dtype=np.complex64), "dtype"),
-    ("dropout=1", dict(input_size=I, hidden_size=H, dropout=1.0), "dropout"),
-    ("dropout=-0.1", dict(input_size=I, hidden_size=H, dropout=-0.1), "dropout"),
+    ("dtype=int32", dict(input_size=IN, hidden_size=H, dtype=np.int32), "dtype"),
+    ("dtype=float16", dict(input_size=IN, hidden_size=H, dtype=np.float16), "dtype"),
+    ("dtype=complex64", dict(input_size=IN, hidden_size=H, dtype=np.complex64), "dtype"),
+    ("dropout=1", dict(input_size=IN, hidden_size=H, dropout=1.0), "dropout"),
+    ("dropout=-0.1", dict(input_size=IN, hidden_size=H, dropout=-0.1), "dropout"),
 ]
 
 
@@ -337,7 +337,7 @@ def test_bad_constructor_args(cls, kwargs, pattern):
 @pytest.mark.parametrize("nonlinearity", ["sigmoid", "", None], ids=["sigmoid", "empty", "None"])
 def test_bad_nonlinearity(nonlinearity):
     with pytest.raises((ValueError, TypeError), match="nonlinearity"):
-        fastrnn.RNN(I, H, nonlinearity=nonlinearity)
+        fastrnn.RNN(IN, H, nonlinearity=nonlinearity)
 
 
 @pytest.mark.parametrize(
@@ -347,7 +347,7 @@ def test_bad_nonlinearity(nonlinearity):
 )
 @pytest.mark.parametrize("cls", [fastrnn.LSTM, fastrnn.RNN], ids=["LSTM", "RNN"])
 def test_non_integer_sizes(cls, kwargs):
-    args = dict(input_size=I, hidden_size=H)
+    args = dict(input_size=IN, hidden_size=H)
     args.update(kwargs)
     with pytest.raises((TypeError, ValueError), match=r"input_size|hidden_size"):
         cls(**args)

@@ -39,10 +39,10 @@ def gate_count(kind):
     return 4 if kind == "lstm" else 1
 
 
-def x_shape(T, B, I, batch_first=False, unbatched=False):
+def x_shape(T, B, IN, batch_first=False, unbatched=False):
     if unbatched:
-        return (T, I)
-    return (B, T, I) if batch_first else (T, B, I)
+        return (T, IN)
+    return (B, T, IN) if batch_first else (T, B, IN)
 
 
 def state_shape(B, H, unbatched=False):
@@ -208,7 +208,7 @@ def assert_same(a, b):
 
 @dataclass(frozen=True)
 class Case:
-    I: int
+    IN: int
     H: int
     B: int | None  # None = unbatched input (T, I)
     T: int
@@ -221,7 +221,7 @@ class Case:
     @property
     def id(self):
         b = "unbatched" if self.B is None else f"B{self.B}"
-        return (f"I{self.I}-H{self.H}-{b}-T{self.T}-{'bias' if self.bias else 'nobias'}"
+        return (f"I{self.IN}-H{self.H}-{b}-T{self.T}-{'bias' if self.bias else 'nobias'}"
                 f"-{'bf' if self.batch_first else 'tm'}-{'hx' if self.hx else 'nohx'}"
                 f"-g_{self.grads}")
 
@@ -239,6 +239,8 @@ CASES = [
     Case(33, 65, 1, 1, bias=False, batch_first=True, hx=False),
     Case(3, 7, None, 5),
     Case(17, 33, None, 1, bias=False, hx=False, grads="out"),
+    Case(300, 70, 7, 9, batch_first=True),  # input_size > the GEMM's K block, T*B > its M block
+    Case(260, 129, 5, 11, bias=False, grads="h"),
     Case(130, 257, 3, 5),
     Case(130, 257, 8, 1, bias=False, batch_first=True, hx=False, grads="h"),
 ]
@@ -247,9 +249,9 @@ CASES = [
 def run_case(kind, case, dtype, rng, seed=1):
     unbatched = case.B is None
     B = 1 if unbatched else case.B
-    layer = make_layer(kind, case.I, case.H, dtype, seed=seed, bias=case.bias,
+    layer = make_layer(kind, case.IN, case.H, dtype, seed=seed, bias=case.bias,
                        batch_first=case.batch_first)
-    x = rng.standard_normal(x_shape(case.T, B, case.I, case.batch_first, unbatched)).astype(dtype)
+    x = rng.standard_normal(x_shape(case.T, B, case.IN, case.batch_first, unbatched)).astype(dtype)
     hx = make_hx(kind, rng, B, case.H, dtype, unbatched) if case.hx else None
     out_shape = x.shape[:-1] + (case.H,)
     grad_out = None if case.grads == "state" else rng.standard_normal(out_shape).astype(dtype)
@@ -281,13 +283,13 @@ def test_matches_reference(isa, kind, dtype, case, rng):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_hx_none_equals_zeros(kind, dtype, unbatched, rng):
-    I, H, B, T = 5, 9, 3, 4
-    x = rng.standard_normal(x_shape(T, B, I, unbatched=unbatched)).astype(dtype)
+    IN, H, B, T = 5, 9, 3, 4
+    x = rng.standard_normal(x_shape(T, B, IN, unbatched=unbatched)).astype(dtype)
     grad_out = rng.standard_normal(x.shape[:-1] + (H,)).astype(dtype)
     zeros = np.zeros(state_shape(B, H, unbatched), dtype)
     hx0 = (zeros, zeros.copy()) if kind == "lstm" else zeros
-    a = run_layer(make_layer(kind, I, H, dtype, seed=3), kind, x, None, grad_out)
-    b = run_layer(make_layer(kind, I, H, dtype, seed=3), kind, x, hx0, grad_out)
+    a = run_layer(make_layer(kind, IN, H, dtype, seed=3), kind, x, None, grad_out)
+    b = run_layer(make_layer(kind, IN, H, dtype, seed=3), kind, x, hx0, grad_out)
     for name in a:
         if name == "grads":
             for k in a["grads"]:
@@ -302,15 +304,15 @@ def test_hx_none_equals_zeros(kind, dtype, unbatched, rng):
 @pytest.mark.parametrize("with_hx", [False, True], ids=["nohx", "hx"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_batch_zero(kind, with_hx, batch_first, rng):
-    I, H, T = 4, 6, 3
+    IN, H, T = 4, 6, 3
     dtype = np.float32
-    layer = make_layer(kind, I, H, dtype, batch_first=batch_first)
+    layer = make_layer(kind, IN, H, dtype, batch_first=batch_first)
     # Put something into layer.grads first: batch 0 must add nothing to it.
-    x1 = rng.standard_normal(x_shape(T, 2, I, batch_first)).astype(dtype)
+    x1 = rng.standard_normal(x_shape(T, 2, IN, batch_first)).astype(dtype)
     run_layer(layer, kind, x1, None, rng.standard_normal(x1.shape[:-1] + (H,)).astype(dtype))
     before = {k: np.array(v) for k, v in layer.grads.items()}
 
-    x = np.zeros(x_shape(T, 0, I, batch_first), dtype)
+    x = np.zeros(x_shape(T, 0, IN, batch_first), dtype)
     hx = make_hx(kind, rng, 0, H, dtype) if with_hx else None
     grad_out = np.zeros(x.shape[:-1] + (H,), dtype)
     got = run_layer(layer, kind, x, hx, grad_out, None)
@@ -328,8 +330,8 @@ def test_batch_zero(kind, with_hx, batch_first, rng):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_grads_accumulate_and_zero_grad(kind, dtype, rng):
-    I, H, B, T = 5, 11, 3, 4
-    layer = make_layer(kind, I, H, dtype, seed=7)
+    IN, H, B, T = 5, 11, 3, 4
+    layer = make_layer(kind, IN, H, dtype, seed=7)
     sd = layer.state_dict()
     assert list(layer.grads) == list(sd)
     for k, v in layer.grads.items():
@@ -338,7 +340,7 @@ def test_grads_accumulate_and_zero_grad(kind, dtype, rng):
 
     refs = []
     for _ in range(2):
-        x = rng.standard_normal((T, B, I)).astype(dtype)
+        x = rng.standard_normal((T, B, IN)).astype(dtype)
         hx = make_hx(kind, rng, B, H, dtype)
         gout = rng.standard_normal((T, B, H)).astype(dtype)
         gstate = make_grad_state(kind, rng, B, H, dtype)
@@ -353,7 +355,7 @@ def test_grads_accumulate_and_zero_grad(kind, dtype, rng):
         assert v.shape == sd[k].shape
         assert not np.any(v), f"{k} not zeroed"
 
-    x = rng.standard_normal((T, B, I)).astype(dtype)
+    x = rng.standard_normal((T, B, IN)).astype(dtype)
     gout = rng.standard_normal((T, B, H)).astype(dtype)
     run_layer(layer, kind, x, None, gout)
     ref = run_reference(kind, sd, x, None, gout)["grads"]
@@ -420,9 +422,9 @@ def test_eval_forward_matches_reference(kind, dtype, rng):
 # ----------------------------------------------------------------- state_dict / parameters
 
 
-def expected_param_shapes(kind, I, H, bias=True):
+def expected_param_shapes(kind, IN, H, bias=True):
     G = gate_count(kind)
-    shapes = {"weight_ih_l0": (G * H, I), "weight_hh_l0": (G * H, H)}
+    shapes = {"weight_ih_l0": (G * H, IN), "weight_hh_l0": (G * H, H)}
     if bias:
         shapes.update(bias_ih_l0=(G * H,), bias_hh_l0=(G * H,))
     return shapes
@@ -432,10 +434,10 @@ def expected_param_shapes(kind, I, H, bias=True):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_state_dict_names_shapes_order(kind, dtype, bias):
-    I, H = 5, 7
-    layer = make_layer(kind, I, H, dtype, bias=bias)
+    IN, H = 5, 7
+    layer = make_layer(kind, IN, H, dtype, bias=bias)
     sd = layer.state_dict()
-    shapes = expected_param_shapes(kind, I, H, bias)
+    shapes = expected_param_shapes(kind, IN, H, bias)
     assert list(sd) == list(shapes)
     for k, shape in shapes.items():
         assert sd[k].shape == shape, k
@@ -458,16 +460,16 @@ def test_state_dict_names_shapes_order(kind, dtype, bias):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_load_state_dict_round_trip(kind, dtype, as_lists, rng):
-    I, H = 4, 6
-    src = make_layer(kind, I, H, dtype, seed=1)
-    dst = make_layer(kind, I, H, dtype, seed=2)
+    IN, H = 4, 6
+    src = make_layer(kind, IN, H, dtype, seed=1)
+    dst = make_layer(kind, IN, H, dtype, seed=2)
     sd = src.state_dict()
     assert any(not np.array_equal(sd[k], v) for k, v in dst.state_dict().items())
     dst.load_state_dict({k: v.tolist() for k, v in sd.items()} if as_lists else sd)
     for k, v in dst.state_dict().items():
         assert v.dtype == np.dtype(dtype)
         np.testing.assert_array_equal(v, sd[k], err_msg=k)
-    x = rng.standard_normal((3, 2, I)).astype(dtype)
+    x = rng.standard_normal((3, 2, IN)).astype(dtype)
     a = run_layer(src.eval(), kind, x, backward=False)
     b = run_layer(dst.eval(), kind, x, backward=False)
     for name in a:
@@ -486,8 +488,8 @@ def test_load_state_dict_casts_to_layer_dtype(kind, rng):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_load_state_dict_errors_leave_layer_unchanged(kind, rng):
-    I, H = 4, 6
-    layer = make_layer(kind, I, H)
+    IN, H = 4, 6
+    layer = make_layer(kind, IN, H)
     before = layer.state_dict()
     good = {k: rng.uniform(-1, 1, v.shape).astype(np.float32) for k, v in before.items()}
 
@@ -551,9 +553,9 @@ def test_parameters_are_read_only(kind, name):
 @pytest.mark.parametrize("name", PARAM_NAMES)
 @pytest.mark.parametrize("kind", KINDS)
 def test_assigning_parameter_takes_effect(kind, name, dtype, rng):
-    I, H = 5, 8
-    layer = make_layer(kind, I, H, dtype)
-    x = rng.standard_normal((3, 2, I)).astype(dtype)
+    IN, H = 5, 8
+    layer = make_layer(kind, IN, H, dtype)
+    x = rng.standard_normal((3, 2, IN)).astype(dtype)
     gout = rng.standard_normal((3, 2, H)).astype(dtype)
     run_layer(layer, kind, x, None, gout)  # forward/backward before the change: caches, packing
     layer.zero_grad()
@@ -587,13 +589,13 @@ def test_assigning_wrong_shape_is_an_error(kind, rng):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("H", [1, 16, 100])
 def test_init_range_and_seed(kind, dtype, H):
-    I = 7
+    IN = 7
     bound = 1.0 / np.sqrt(H)
-    a = make_layer(kind, I, H, dtype, seed=123)
-    b = make_layer(kind, I, H, dtype, seed=123)
-    c = make_layer(kind, I, H, dtype, seed=124)
-    d = make_layer(kind, I, H, dtype, seed=np.random.default_rng(5))
-    e = make_layer(kind, I, H, dtype, seed=np.random.default_rng(5))
+    a = make_layer(kind, IN, H, dtype, seed=123)
+    b = make_layer(kind, IN, H, dtype, seed=123)
+    c = make_layer(kind, IN, H, dtype, seed=124)
+    d = make_layer(kind, IN, H, dtype, seed=np.random.default_rng(5))
+    e = make_layer(kind, IN, H, dtype, seed=np.random.default_rng(5))
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
     for k, v in sa.items():
         assert np.all(np.abs(v) <= bound), k
@@ -634,9 +636,9 @@ def test_not_implemented_options(kind, option):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("kind", ["lstm", "rnn_tanh"])
 def test_long_sequence(isa, kind, dtype, rng):
-    T, B, I, H = 2000, 2, 16, 32
-    layer = make_layer(kind, I, H, dtype, seed=11)
-    x = rng.standard_normal((T, B, I)).astype(dtype)
+    T, B, IN, H = 2000, 2, 16, 32
+    layer = make_layer(kind, IN, H, dtype, seed=11)
+    x = rng.standard_normal((T, B, IN)).astype(dtype)
     hx = make_hx(kind, rng, B, H, dtype)
     gout = rng.standard_normal((T, B, H)).astype(dtype)
     got = run_layer(layer, kind, x, hx, gout)
@@ -654,10 +656,27 @@ def test_long_sequence(isa, kind, dtype, rng):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("kind", KINDS)
+def test_long_sequence_eval(isa, kind, dtype, rng):
+    """Inference may project the inputs chunk by chunk: more than 2**20 gate values in total."""
+    T, B, IN, H = 1100, 8, 9, 33
+    layer = make_layer(kind, IN, H, dtype, seed=12)
+    x = rng.standard_normal((T, B, IN)).astype(dtype)
+    hx = make_hx(kind, rng, B, H, dtype)
+    trained = run_layer(layer, kind, x, hx, backward=False)
+    evaluated = run_layer(layer.eval(), kind, x, hx, backward=False)
+    ref = run_reference(kind, layer.state_dict(), x, hx, backward=False)
+    fwd_tol = 1e-4 if dtype == np.float32 else tol(dtype, "fwd")
+    for name in ref:
+        assert rel_err(evaluated[name], ref[name]) <= fwd_tol, name
+        assert rel_err(evaluated[name], trained[name]) <= tol(dtype, "fwd"), name
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("kind", KINDS)
 def test_extreme_inputs_saturate(isa, kind, dtype, rng):
-    T, B, I, H = 4, 3, 5, 7
-    layer = make_layer(kind, I, H, dtype, seed=5)
-    x = (np.where(rng.random((T, B, I)) < 0.5, -1.0, 1.0) * 1e30).astype(dtype)
+    T, B, IN, H = 4, 3, 5, 7
+    layer = make_layer(kind, IN, H, dtype, seed=5)
+    x = (np.where(rng.random((T, B, IN)) < 0.5, -1.0, 1.0) * 1e30).astype(dtype)
     gout = rng.standard_normal((T, B, H)).astype(dtype)
     got = run_layer(layer, kind, x, None, gout)
     for name in ("out", "h_n", "c_n", "dx", "dh0", "dc0"):
@@ -676,11 +695,11 @@ def test_extreme_inputs_saturate(isa, kind, dtype, rng):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_nan_propagates_only_in_its_batch_row(isa, kind, dtype, rng):
-    T, B, I, H = 5, 3, 17, 19  # sizes not multiples of the SIMD width: body and tail
+    T, B, IN, H = 5, 3, 17, 19  # sizes not multiples of the SIMD width: body and tail
     t0, bad = 2, 1
-    layer = make_layer(kind, I, H, dtype, seed=9)
-    x = rng.standard_normal((T, B, I)).astype(dtype)
-    x[t0, bad, I // 2] = np.nan
+    layer = make_layer(kind, IN, H, dtype, seed=9)
+    x = rng.standard_normal((T, B, IN)).astype(dtype)
+    x[t0, bad, IN // 2] = np.nan
     gout = rng.standard_normal((T, B, H)).astype(dtype)
     got = run_layer(layer, kind, x, None, gout)
     good = [b for b in range(B) if b != bad]
@@ -707,10 +726,10 @@ def test_nan_propagates_only_in_its_batch_row(isa, kind, dtype, rng):
 )
 @pytest.mark.parametrize("kind", KINDS)
 def test_inputs_never_modified(kind, unbatched, batch_first, rng):
-    I, H, B, T = 5, 9, 3, 4
+    IN, H, B, T = 5, 9, 3, 4
     dtype = np.float32
-    layer = make_layer(kind, I, H, dtype, batch_first=batch_first)
-    x = rng.standard_normal(x_shape(T, B, I, batch_first, unbatched)).astype(dtype)
+    layer = make_layer(kind, IN, H, dtype, batch_first=batch_first)
+    x = rng.standard_normal(x_shape(T, B, IN, batch_first, unbatched)).astype(dtype)
     hx = make_hx(kind, rng, B, H, dtype, unbatched)
     gout = rng.standard_normal(x.shape[:-1] + (H,)).astype(dtype)
     gstate = make_grad_state(kind, rng, B, H, dtype, unbatched)
@@ -766,9 +785,9 @@ def _relayout(obj, variant):
 @pytest.mark.parametrize("variant", ["strided", "fortran", "negstride", "readonly", "misaligned"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_input_layouts(isa, kind, variant, rng):
-    I, H, B, T = 7, 13, 3, 5
+    IN, H, B, T = 7, 13, 3, 5
     dtype = np.float32
-    x = rng.standard_normal((T, B, I)).astype(dtype)
+    x = rng.standard_normal((T, B, IN)).astype(dtype)
     hx = make_hx(kind, rng, B, H, dtype)
     gout = rng.standard_normal((T, B, H)).astype(dtype)
     gstate = make_grad_state(kind, rng, B, H, dtype)
@@ -784,8 +803,8 @@ def test_input_layouts(isa, kind, variant, rng):
         assert not args[0].flags.c_contiguous and not args[0].flags.f_contiguous
     saved = snapshot(args)
 
-    expected = run_layer(make_layer(kind, I, H, dtype, seed=4), kind, x, hx, gout, gstate)
-    got = run_layer(make_layer(kind, I, H, dtype, seed=4), kind, *args)
+    expected = run_layer(make_layer(kind, IN, H, dtype, seed=4), kind, x, hx, gout, gstate)
+    got = run_layer(make_layer(kind, IN, H, dtype, seed=4), kind, *args)
     assert_same(args, saved)
     for name in expected:
         if name == "grads":
@@ -799,9 +818,9 @@ def test_input_layouts(isa, kind, variant, rng):
 @pytest.mark.parametrize("kind", KINDS)
 def test_input_layouts_batch_first_negative_stride(kind, rng):
     """x[::-1] on the batch axis with batch_first=True (reversed batch order)."""
-    I, H, B, T = 6, 10, 4, 3
-    layer = make_layer(kind, I, H, np.float32, batch_first=True).eval()
-    x = rng.standard_normal((B, T, I)).astype(np.float32)
+    IN, H, B, T = 6, 10, 4, 3
+    layer = make_layer(kind, IN, H, np.float32, batch_first=True).eval()
+    x = rng.standard_normal((B, T, IN)).astype(np.float32)
     got = run_layer(layer, kind, x[::-1], backward=False)
     expected = run_layer(layer, kind, np.ascontiguousarray(x[::-1]), backward=False)
     for name in expected:
@@ -817,11 +836,11 @@ N_THREADS, N_CALLS = 4, 10
 @pytest.mark.parametrize("mode", ["own_layer_train", "shared_layer_eval"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_threads_match_serial(isa, kind, mode, rng):
-    I, H, B, T = 24, 40, 5, 12
+    IN, H, B, T = 24, 40, 5, 12
     dtype = np.float32
     inputs = []
     for _ in range(N_THREADS * N_CALLS):
-        x = rng.standard_normal((T, B, I)).astype(dtype)
+        x = rng.standard_normal((T, B, IN)).astype(dtype)
         hx = make_hx(kind, rng, B, H, dtype)
         gout = rng.standard_normal((T, B, H)).astype(dtype)
         inputs.append((x, hx, gout))
@@ -836,16 +855,16 @@ def test_threads_match_serial(isa, kind, mode, rng):
             results[i] = res
         return results
 
-    serial_layer = make_layer(kind, I, H, dtype, seed=21)
+    serial_layer = make_layer(kind, IN, H, dtype, seed=21)
     if not backward:
         serial_layer.eval()
     serial = calls(serial_layer, range(len(inputs)))
 
-    shared = make_layer(kind, I, H, dtype, seed=21).eval()
+    shared = make_layer(kind, IN, H, dtype, seed=21).eval()
     barrier = threading.Barrier(N_THREADS)
 
     def worker(t):
-        layer = make_layer(kind, I, H, dtype, seed=21) if backward else shared
+        layer = make_layer(kind, IN, H, dtype, seed=21) if backward else shared
         barrier.wait()
         res = calls(layer, range(t, len(inputs), N_THREADS))
         return res, (layer.grads if backward else None)

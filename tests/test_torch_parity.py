@@ -19,7 +19,7 @@ TORCH_DTYPE = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.
 
 @dataclass(frozen=True)
 class Case:
-    I: int
+    IN: int
     H: int
     B: int | None  # None: unbatched
     T: int
@@ -29,7 +29,7 @@ class Case:
     @property
     def id(self):
         b = "unbatched" if self.B is None else f"B{self.B}"
-        return (f"I{self.I}-H{self.H}-{b}-T{self.T}-{'bias' if self.bias else 'nobias'}"
+        return (f"I{self.IN}-H{self.H}-{b}-T{self.T}-{'bias' if self.bias else 'nobias'}"
                 f"-{'bf' if self.batch_first else 'tm'}")
 
 
@@ -47,12 +47,12 @@ def make_pair(kind, case, dtype, seed):
     torch.manual_seed(seed)
     kwargs = dict(bias=case.bias, batch_first=case.batch_first, dtype=TORCH_DTYPE[np.dtype(dtype)])
     if kind == "lstm":
-        tm = torch.nn.LSTM(case.I, case.H, **kwargs)
-        fm = fastrnn.LSTM(case.I, case.H, bias=case.bias, batch_first=case.batch_first, dtype=dtype)
+        tm = torch.nn.LSTM(case.IN, case.H, **kwargs)
+        fm = fastrnn.LSTM(case.IN, case.H, bias=case.bias, batch_first=case.batch_first, dtype=dtype)
     else:
         nl = kind[4:]
-        tm = torch.nn.RNN(case.I, case.H, nonlinearity=nl, **kwargs)
-        fm = fastrnn.RNN(case.I, case.H, nonlinearity=nl, bias=case.bias,
+        tm = torch.nn.RNN(case.IN, case.H, nonlinearity=nl, **kwargs)
+        fm = fastrnn.RNN(case.IN, case.H, nonlinearity=nl, bias=case.bias,
                          batch_first=case.batch_first, dtype=dtype)
     fm.load_state_dict({k: v.detach().numpy() for k, v in tm.state_dict().items()})
     assert list(fm.state_dict()) == list(tm.state_dict())
@@ -70,9 +70,9 @@ def test_matches_torch(isa, kind, dtype, case, rng):
     tm, fm = make_pair(kind, case, dtype, seed=len(case.id))
     lstm = kind == "lstm"
     if case.B is None:
-        x_shape, s_shape = (case.T, case.I), (1, case.H)
+        x_shape, s_shape = (case.T, case.IN), (1, case.H)
     else:
-        x_shape = (case.B, case.T, case.I) if case.batch_first else (case.T, case.B, case.I)
+        x_shape = (case.B, case.T, case.IN) if case.batch_first else (case.T, case.B, case.IN)
         s_shape = (1, case.B, case.H)
     x = rng.standard_normal(x_shape).astype(dtype)
     h0 = rng.standard_normal(s_shape).astype(dtype)
@@ -118,7 +118,7 @@ def test_matches_torch_without_hx(kind, rng):
     case = Case(6, 10, 4, 5)
     dtype = np.float64
     tm, fm = make_pair(kind, case, dtype, seed=3)
-    x = rng.standard_normal((case.T, case.B, case.I))
+    x = rng.standard_normal((case.T, case.B, case.IN))
     gout = rng.standard_normal((case.T, case.B, case.H))
     tx = leaf(x)
     t_out = tm(tx)[0]
