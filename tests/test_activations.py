@@ -8,10 +8,9 @@ float64: relative error at most 1e-14.
 
 from __future__ import annotations
 
+import fastrnn
 import numpy as np
 import pytest
-
-import fastrnn
 
 NAMES = ["sigmoid", "tanh", "relu"]
 MAX_ULP_F32 = 4

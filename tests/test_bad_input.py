@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import re
 
+import fastrnn
 import numpy as np
 import pytest
-
-import fastrnn
 
 KINDS = ["lstm", "rnn_tanh", "rnn_relu"]
 IN, H, B, T = 10, 20, 3, 5

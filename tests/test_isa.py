@@ -6,11 +6,9 @@ import os
 import subprocess
 import sys
 
+import fastrnn
 import numpy as np
 import pytest
-
-import fastrnn
-
 from conftest import ISAS
 
 KNOWN_ISAS = ["avx512", "avx2", "neon", "scalar"]

@@ -6,13 +6,11 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import fastrnn
 import numpy as np
 import pytest
-
-import fastrnn
-from fastrnn import reference as R
-
 from conftest import DTYPE_IDS, DTYPES, assert_close, rel_err, tol
+from fastrnn import reference as R
 
 KINDS = ["lstm", "rnn_tanh", "rnn_relu"]
 PARAM_NAMES = ["weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"]
@@ -517,9 +515,11 @@ def test_load_state_dict_errors_leave_layer_unchanged(kind, rng):
     # The wrong-shaped entry comes last so that an implementation updating in place would
     # already have changed the earlier ones.
     wrong_shape = dict(good)
-    wrong_shape["bias_hh_l0"] = np.zeros(gate_count(kind) * H + 1, np.float32)
-    with pytest.raises(ValueError, match="bias_hh_l0"):
+    rows = gate_count(kind) * H
+    wrong_shape["bias_hh_l0"] = np.zeros(rows + 1, np.float32)
+    with pytest.raises(ValueError, match="bias_hh_l0") as info:
         layer.load_state_dict(wrong_shape)
+    assert str(rows) in str(info.value) and str(rows + 1) in str(info.value), "expected and got shape"
     assert_unchanged()
 
     wrong_shape = dict(good)

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import fastrnn
 import numpy as np
 import pytest
-
-import fastrnn
-
 from conftest import DTYPE_IDS, DTYPES, assert_close
 
 torch = pytest.importorskip("torch")
@@ -48,7 +46,8 @@ def make_pair(kind, case, dtype, seed):
     kwargs = dict(bias=case.bias, batch_first=case.batch_first, dtype=TORCH_DTYPE[np.dtype(dtype)])
     if kind == "lstm":
         tm = torch.nn.LSTM(case.IN, case.H, **kwargs)
-        fm = fastrnn.LSTM(case.IN, case.H, bias=case.bias, batch_first=case.batch_first, dtype=dtype)
+        fm = fastrnn.LSTM(case.IN, case.H, bias=case.bias, batch_first=case.batch_first,
+                          dtype=dtype)
     else:
         nl = kind[4:]
         tm = torch.nn.RNN(case.IN, case.H, nonlinearity=nl, **kwargs)
