@@ -40,7 +40,7 @@ void forward(const std::shared_ptr<const PackedLayer<T>>& layer, long steps, lon
   const Layout& L = p.layout;
   const bool lstm = L.cell == Cell::lstm;
   const long H = L.hidden, Hp = L.hidden_padded;
-  const std::size_t state_size = static_cast<std::size_t>(batch * Hp);
+  const long state_size = batch * Hp, row_elements = batch * L.gate_stride;
   if (state) {
     state->layer = layer;
     state->steps = steps;
@@ -48,38 +48,31 @@ void forward(const std::shared_ptr<const PackedLayer<T>>& layer, long steps, lon
   }
   if (batch == 0) return;
 
-  std::vector<T> zero_h;
-  if (!h0) {
-    zero_h.assign(static_cast<std::size_t>(batch * H), T(0));
-    h0 = zero_h.data();
-  }
-
-  // Cell states live in rows padded to hidden_padded, so the kernels read and write whole vectors.
-  AlignedBuffer<T> c_ping_pong;
-  T* c_all = nullptr;  // [steps + 1, batch, Hp] when training, else 2 alternating states
-  if (lstm) {
-    if (state) {
-      state->c.reset(static_cast<std::size_t>(steps + 1) * state_size);
-      c_all = state->c.data();
-    } else {
-      c_ping_pong.reset(2 * state_size);
-      c_all = c_ping_pong.data();
-    }
-    std::fill(c_all, c_all + state_size, T(0));
-    if (c0) copy_rows(c_all, Hp, c0, H, batch, H);
-  }
-
-  // Gate buffer: the whole sequence when training (backward needs it), chunks otherwise.
-  const long row_elements = std::max(1L, batch * L.gate_stride);
+  // Every buffer is allocated before any work, so a request too large fails at once.
+  // Training keeps the whole sequence of gates and cell states for backward; inference computes
+  // x·W_ihᵀ for a chunk of time steps at a time and alternates two cell states.
   const long chunk_steps = state ? steps : std::clamp(kInferenceGateElements / row_elements, 1L, steps);
-  AlignedBuffer<T> chunk_buffer;
+  AlignedBuffer<T> inference_gates, inference_c;
   T* gates = nullptr;
+  T* c_all = nullptr;
   if (state) {
     state->gates.reset(static_cast<std::size_t>(steps * row_elements));
+    state->x.reset(static_cast<std::size_t>(steps * batch * L.input));
+    state->h.reset(static_cast<std::size_t>((steps + 1) * batch * H));
+    if (lstm) state->c.reset(static_cast<std::size_t>((steps + 1) * state_size));
     gates = state->gates.data();
+    c_all = state->c.data();
   } else {
-    chunk_buffer.reset(static_cast<std::size_t>(chunk_steps * row_elements));
-    gates = chunk_buffer.data();
+    inference_gates.reset(static_cast<std::size_t>(chunk_steps * row_elements));
+    if (lstm) inference_c.reset(static_cast<std::size_t>(2 * state_size));
+    gates = inference_gates.data();
+    c_all = inference_c.data();
+  }
+  auto c_at = [&](long t) { return c_all + (state ? t : t % 2) * state_size; };
+  // Cell states live in rows padded to hidden_padded, so the kernels read and write whole vectors.
+  if (lstm) {
+    std::fill(c_all, c_all + state_size, T(0));
+    if (c0) copy_rows(c_all, Hp, c0, H, batch, H);
   }
 
   StepForwardArgs<T> step{};
@@ -92,31 +85,31 @@ void forward(const std::shared_ptr<const PackedLayer<T>>& layer, long steps, lon
   step.panel_begin = 0;
   step.panel_end = L.panels;
   for (long t = 0; t < steps; ++t) {
-    const long chunk_t = t % chunk_steps;
-    if (chunk_t == 0) {
+    const long chunk_t = state ? t : t % chunk_steps;
+    if (t % chunk_steps == 0) {
       const long rows = std::min(chunk_steps, steps - t) * batch;
       input_projection(p, x + t * batch * L.input, rows, gates + (state ? t * row_elements : 0));
     }
-    step.h_prev = t == 0 ? h0 : out + (t - 1) * batch * H;
+    step.h_prev = t == 0 ? h0 : out + (t - 1) * batch * H;  // h0 == nullptr: zeros
     step.h_next = out + t * batch * H;
-    step.gates = gates + (state ? t : chunk_t) * row_elements;
+    step.gates = gates + chunk_t * row_elements;
     if (lstm) {
-      step.c_prev = state ? c_all + t * state_size : c_all + (t % 2) * state_size;
-      step.c_next = state ? c_all + (t + 1) * state_size : c_all + ((t + 1) % 2) * state_size;
+      step.c_prev = c_at(t);
+      step.c_next = c_at(t + 1);
     }
     p.kernels->step_forward(step);
   }
 
-  const T* last_h = steps > 0 ? out + (steps - 1) * batch * H : h0;
-  std::memcpy(h_n, last_h, static_cast<std::size_t>(batch * H) * sizeof(T));
-  if (lstm && c_n) copy_rows(c_n, H, state ? c_all + steps * state_size : c_all + (steps % 2) * state_size, Hp, batch, H);
-
+  std::memcpy(h_n, out + (steps - 1) * batch * H, static_cast<std::size_t>(batch * H) * sizeof(T));
+  if (lstm && c_n) copy_rows(c_n, H, c_at(steps), Hp, batch, H);
   if (state) {
-    state->x.reset(static_cast<std::size_t>(steps * batch * L.input));
     std::memcpy(state->x.data(), x, state->x.size() * sizeof(T));
-    state->h.reset(static_cast<std::size_t>((steps + 1) * batch * H));
-    std::memcpy(state->h.data(), h0, static_cast<std::size_t>(batch * H) * sizeof(T));
-    std::memcpy(state->h.data() + batch * H, out, static_cast<std::size_t>(steps * batch * H) * sizeof(T));
+    T* h_all = state->h.data();
+    if (h0)
+      std::memcpy(h_all, h0, static_cast<std::size_t>(batch * H) * sizeof(T));
+    else
+      std::fill(h_all, h_all + batch * H, T(0));
+    std::memcpy(h_all + batch * H, out, static_cast<std::size_t>(steps * batch * H) * sizeof(T));
   }
 }
 

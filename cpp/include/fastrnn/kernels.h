@@ -71,7 +71,7 @@ template <class T>
 struct StepForwardArgs {
   const Layout* layout;
   long batch;
-  const T* h_prev;          // [batch, hidden], row stride h_prev_stride
+  const T* h_prev;          // [batch, hidden], row stride h_prev_stride; nullptr: zeros
   long h_prev_stride;
   const T* w_hh;            // gate-interleaved panels, hidden rows each
   T* gates;                 // [batch, gate_stride]: in x·W_ihᵀ + biases; out post-activation gates (LSTM, if store_gates)

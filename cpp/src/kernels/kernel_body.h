@@ -313,8 +313,11 @@ void run_step_forward(const StepForwardArgs<typename V::value_type>& s, const Ep
     for (long row0 = 0; row0 < s.batch; row0 += MR) {
       with_rows<MR>(min_long(MR, s.batch - row0), [&]<int R>() {
         V acc[R][NV];
-        multiply_panel<V, R, NV>(L.hidden, s.h_prev + row0 * s.h_prev_stride, s.h_prev_stride, 1,
-                                 panel, acc);
+        if (s.h_prev)
+          multiply_panel<V, R, NV>(L.hidden, s.h_prev + row0 * s.h_prev_stride, s.h_prev_stride,
+                                   1, panel, acc);
+        else
+          multiply_panel<V, R, NV>(0, s.h_prev, 0, 0, panel, acc);  // zero state: acc = 0
         epilogue.template operator()<R>(acc, row0, p);
       });
     }
@@ -393,8 +396,8 @@ void run_step_backward(const StepBackwardArgs<typename V::value_type>& s, const 
       with_rows<MR>(min_long(MR, s.batch - row0), [&]<int R>() {
         with_vectors(width / W, [&]<int NV>() {
           V acc[R][NV];
-          multiply_panel<V, R, NV>(k_count, s.grad_gates_next + row0 * L.gate_stride,
-                                   L.gate_stride, 1, panel, acc);
+          const T* a = k_count ? s.grad_gates_next + row0 * L.gate_stride : nullptr;
+          multiply_panel<V, R, NV>(k_count, a, L.gate_stride, 1, panel, acc);
           for (long r = 0; r < R; ++r) {
             const long row = row0 + r;
             FASTRNN_UNROLL
