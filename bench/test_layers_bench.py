@@ -28,7 +28,11 @@ def _case_id(case: tuple) -> str:
 
 
 def _fastrnn_runner(cell: str, t: int, b: int, h: int, mode: str, rng: np.random.Generator):
-    layer = fastrnn.LSTM(h, h, seed=0) if cell == "lstm" else fastrnn.RNN(h, h, nonlinearity="relu", seed=0)
+    layer = (
+        fastrnn.LSTM(h, h, seed=0)
+        if cell == "lstm"
+        else fastrnn.RNN(h, h, nonlinearity="relu", seed=0)
+    )
     x = rng.standard_normal((t, b, h)).astype(np.float32)
     grad = rng.standard_normal((t, b, h)).astype(np.float32)
     if mode == "inference":
@@ -43,7 +47,9 @@ def _fastrnn_runner(cell: str, t: int, b: int, h: int, mode: str, rng: np.random
 
 
 def _reference_runner(cell: str, t: int, b: int, h: int, mode: str, rng: np.random.Generator):
-    params = (fastrnn.LSTM(h, h, seed=0) if cell == "lstm" else fastrnn.RNN(h, h, seed=0)).state_dict()
+    params = (
+        fastrnn.LSTM(h, h, seed=0) if cell == "lstm" else fastrnn.RNN(h, h, seed=0)
+    ).state_dict()
     x = rng.standard_normal((t, b, h)).astype(np.float32)
     grad = rng.standard_normal((t, b, h)).astype(np.float32)
 
@@ -60,7 +66,9 @@ def _reference_runner(cell: str, t: int, b: int, h: int, mode: str, rng: np.rand
     return run
 
 
-def _torch_runner(cell: str, t: int, b: int, h: int, mode: str, rng: np.random.Generator, threads: int):
+def _torch_runner(
+    cell: str, t: int, b: int, h: int, mode: str, rng: np.random.Generator, threads: int
+):
     torch = pytest.importorskip("torch")
     torch.set_num_threads(threads)
     torch.manual_seed(0)

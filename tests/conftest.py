@@ -10,9 +10,10 @@ import sys
 import zlib
 from pathlib import Path
 
-import fastrnn
 import numpy as np
 import pytest
+
+import fastrnn
 
 # Make ``from conftest import ...`` work whatever pytest import mode is configured.
 _HERE = str(Path(__file__).resolve().parent)

@@ -8,9 +8,10 @@ float64: relative error at most 1e-14.
 
 from __future__ import annotations
 
-import fastrnn
 import numpy as np
 import pytest
+
+import fastrnn
 
 NAMES = ["sigmoid", "tanh", "relu"]
 MAX_ULP_F32 = 4
@@ -62,10 +63,42 @@ def special_values(dtype):
     uint = {np.float32: np.uint32, np.float64: np.uint64}[dtype]
     smallest_denormal = np.array(1, uint).view(dtype)
     largest_denormal = np.nextafter(fi.tiny, dtype(0), dtype=dtype)
-    vals = [0.0, smallest_denormal, 2 * smallest_denormal, largest_denormal, fi.tiny,
-            np.nextafter(fi.tiny, dtype(1), dtype=dtype), fi.eps, 1e-20, 1e-8, 1e-4, 0.5, 1.0, 2.0,
-            8.0, 9.0, 10.0, 15.0, 20.0, 40.0, 80.0, 87.0, 88.0, 89.0, 100.0, 104.0, 110.0,
-            700.0, 710.0, 745.0, 800.0, 1e10, 1e30, fi.max, np.inf]
+    vals = [
+        0.0,
+        smallest_denormal,
+        2 * smallest_denormal,
+        largest_denormal,
+        fi.tiny,
+        np.nextafter(fi.tiny, dtype(1), dtype=dtype),
+        fi.eps,
+        1e-20,
+        1e-8,
+        1e-4,
+        0.5,
+        1.0,
+        2.0,
+        8.0,
+        9.0,
+        10.0,
+        15.0,
+        20.0,
+        40.0,
+        80.0,
+        87.0,
+        88.0,
+        89.0,
+        100.0,
+        104.0,
+        110.0,
+        700.0,
+        710.0,
+        745.0,
+        800.0,
+        1e10,
+        1e30,
+        fi.max,
+        np.inf,
+    ]
     vals = np.array(vals, dtype)
     return np.concatenate([vals, -vals, np.array([np.nan], dtype)])
 
@@ -75,8 +108,13 @@ def f32_inputs():
     # A strided sample of every bit pattern: all exponents, both signs, denormals, infs, NaNs.
     bits = np.arange(0, 2**32, 4099, dtype=np.uint64).astype(np.uint32).view(np.float32)
     # Around where sigmoid's result goes denormal and where tanh saturates.
-    edges = np.concatenate([np.linspace(-110, -80, 200_001), np.linspace(-10, 10, 200_001) * 1e-3,
-                            np.linspace(7, 10, 100_001)]).astype(np.float32)
+    edges = np.concatenate(
+        [
+            np.linspace(-110, -80, 200_001),
+            np.linspace(-10, 10, 200_001) * 1e-3,
+            np.linspace(7, 10, 100_001),
+        ]
+    ).astype(np.float32)
     return np.concatenate([sweep, bits, edges, -edges, special_values(np.float32)])
 
 

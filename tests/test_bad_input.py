@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import re
 
-import fastrnn
 import numpy as np
 import pytest
+
+import fastrnn
 
 KINDS = ["lstm", "rnn_tanh", "rnn_relu"]
 IN, H, B, T = 10, 20, 3, 5
@@ -243,7 +244,8 @@ def forward(layer, x=None):
 
 
 @pytest.mark.parametrize(
-    "shape", [(T, B, H + 1), (T + 1, B, H), (T, B + 1, H), (T, B * H), (B, T, H)],
+    "shape",
+    [(T, B, H + 1), (T + 1, B, H), (T, B + 1, H), (T, B * H), (B, T, H)],
     ids=["hidden", "time", "batch", "2d", "swapped"],
 )
 @pytest.mark.parametrize("kind", KINDS)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import fastrnn
 import numpy as np
 import pytest
-from conftest import ISAS, assert_close
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+import fastrnn
+from conftest import ISAS, assert_close
 from test_layers import compare, make_hx, make_layer, run_layer, run_reference, x_shape
 
 
@@ -36,9 +37,12 @@ def test_random_shapes_match_reference(
     previous = fastrnn.active_isa()
     fastrnn._core._set_isa(isa)
     try:
-        layer = make_layer(kind, input_size, hidden_size, dtype, seed=seed, bias=bias,
-                           batch_first=batch_first)
-        x = (scale * rng.standard_normal(x_shape(steps, batch, input_size, batch_first))).astype(dtype)
+        layer = make_layer(
+            kind, input_size, hidden_size, dtype, seed=seed, bias=bias, batch_first=batch_first
+        )
+        x = (scale * rng.standard_normal(x_shape(steps, batch, input_size, batch_first))).astype(
+            dtype
+        )
         hx = make_hx(kind, rng, batch, hidden_size, dtype) if with_hx else None
         grad_out = rng.standard_normal(x.shape[:-1] + (hidden_size,)).astype(dtype)
         got = run_layer(layer, kind, x, hx, grad_out)

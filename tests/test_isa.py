@@ -6,9 +6,10 @@ import os
 import subprocess
 import sys
 
-import fastrnn
 import numpy as np
 import pytest
+
+import fastrnn
 from conftest import ISAS
 
 KNOWN_ISAS = ["avx512", "avx2", "neon", "scalar"]
@@ -19,8 +20,9 @@ def run_python(code, isa=None, cwd=None):
     env.pop("FASTRNN_ISA", None)
     if isa is not None:
         env["FASTRNN_ISA"] = isa
-    return subprocess.run([sys.executable, "-c", code], env=env, cwd=cwd, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=cwd, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_available_isas():

@@ -6,9 +6,10 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import fastrnn
 import numpy as np
 import pytest
+
+import fastrnn
 from conftest import DTYPE_IDS, DTYPES, assert_close, rel_err, tol
 from fastrnn import reference as R
 
@@ -88,8 +89,19 @@ def state_from_ref(s, unbatched):
     return s if unbatched else s[None]
 
 
-def run_reference(kind, params, x, hx=None, grad_out=None, grad_state=None, *,
-                  batch_first=False, unbatched=False, ref_dtype=np.float64, backward=True):
+def run_reference(
+    kind,
+    params,
+    x,
+    hx=None,
+    grad_out=None,
+    grad_state=None,
+    *,
+    batch_first=False,
+    unbatched=False,
+    ref_dtype=np.float64,
+    backward=True,
+):
     """The reference in ``ref_dtype`` for a layer call, results in the layer's layout.
 
     Returns a dict with out, h_n, (c_n), and when ``backward``: dx, dh0, (dc0) and
@@ -109,13 +121,23 @@ def run_reference(kind, params, x, hx=None, grad_out=None, grad_state=None, *,
     if lstm:
         h0, c0 = (None, None) if hx is None else hx
         out, h_n, c_n, cache = R.lstm_forward(
-            xt, cast_state(h0), cast_state(c0), p["weight_ih_l0"], p["weight_hh_l0"],
-            p.get("bias_ih_l0"), p.get("bias_hh_l0"),
+            xt,
+            cast_state(h0),
+            cast_state(c0),
+            p["weight_ih_l0"],
+            p["weight_hh_l0"],
+            p.get("bias_ih_l0"),
+            p.get("bias_hh_l0"),
         )
     else:
         out, h_n, cache = R.rnn_forward(
-            xt, cast_state(hx), p["weight_ih_l0"], p["weight_hh_l0"],
-            p.get("bias_ih_l0"), p.get("bias_hh_l0"), nonlinearity=kind[4:],
+            xt,
+            cast_state(hx),
+            p["weight_ih_l0"],
+            p["weight_hh_l0"],
+            p.get("bias_ih_l0"),
+            p.get("bias_hh_l0"),
+            nonlinearity=kind[4:],
         )
     res = {
         "out": from_time_major(out, batch_first, unbatched),
@@ -219,9 +241,11 @@ class Case:
     @property
     def id(self):
         b = "unbatched" if self.B is None else f"B{self.B}"
-        return (f"I{self.IN}-H{self.H}-{b}-T{self.T}-{'bias' if self.bias else 'nobias'}"
-                f"-{'bf' if self.batch_first else 'tm'}-{'hx' if self.hx else 'nohx'}"
-                f"-g_{self.grads}")
+        return (
+            f"I{self.IN}-H{self.H}-{b}-T{self.T}-{'bias' if self.bias else 'nobias'}"
+            f"-{'bf' if self.batch_first else 'tm'}-{'hx' if self.hx else 'nohx'}"
+            f"-g_{self.grads}"
+        )
 
 
 CASES = [
@@ -247,8 +271,9 @@ CASES = [
 def run_case(kind, case, dtype, rng, seed=1):
     unbatched = case.B is None
     B = 1 if unbatched else case.B
-    layer = make_layer(kind, case.IN, case.H, dtype, seed=seed, bias=case.bias,
-                       batch_first=case.batch_first)
+    layer = make_layer(
+        kind, case.IN, case.H, dtype, seed=seed, bias=case.bias, batch_first=case.batch_first
+    )
     x = rng.standard_normal(x_shape(case.T, B, case.IN, case.batch_first, unbatched)).astype(dtype)
     hx = make_hx(kind, rng, B, case.H, dtype, unbatched) if case.hx else None
     out_shape = x.shape[:-1] + (case.H,)
@@ -259,8 +284,16 @@ def run_case(kind, case, dtype, rng, seed=1):
         which = case.grads if case.grads in ("h", "c") else "both"
         grad_state = make_grad_state(kind, rng, B, case.H, dtype, unbatched, which)
     got = run_layer(layer, kind, x, hx, grad_out, grad_state)
-    ref = run_reference(kind, layer.state_dict(), x, hx, grad_out, grad_state,
-                        batch_first=case.batch_first, unbatched=unbatched)
+    ref = run_reference(
+        kind,
+        layer.state_dict(),
+        x,
+        hx,
+        grad_out,
+        grad_state,
+        batch_first=case.batch_first,
+        unbatched=unbatched,
+    )
     return got, ref, x
 
 
@@ -519,7 +552,9 @@ def test_load_state_dict_errors_leave_layer_unchanged(kind, rng):
     wrong_shape["bias_hh_l0"] = np.zeros(rows + 1, np.float32)
     with pytest.raises(ValueError, match="bias_hh_l0") as info:
         layer.load_state_dict(wrong_shape)
-    assert str(rows) in str(info.value) and str(rows + 1) in str(info.value), "expected and got shape"
+    assert str(rows) in str(info.value) and str(rows + 1) in str(info.value), (
+        "expected and got shape"
+    )
     assert_unchanged()
 
     wrong_shape = dict(good)
@@ -643,15 +678,18 @@ def test_long_sequence(isa, kind, dtype, rng):
     gout = rng.standard_normal((T, B, H)).astype(dtype)
     got = run_layer(layer, kind, x, hx, gout)
     for name, v in got.items():
-        for a in (v.values() if name == "grads" else [v]):
+        for a in v.values() if name == "grads" else [v]:
             assert np.all(np.isfinite(a)), name
     ref = run_reference(kind, layer.state_dict(), x, hx, gout)
     fwd_tol = 1e-4 if dtype == np.float32 else tol(dtype, "fwd")
     for name in ("out", "h_n", "c_n"):
         if name in ref:
             assert rel_err(got[name], ref[name]) <= fwd_tol, name
-    compare({k: got[k] for k in ("dx", "dh0", "dc0", "grads") if k in got},
-            {k: ref[k] for k in ("dx", "dh0", "dc0", "grads") if k in ref}, dtype)
+    compare(
+        {k: got[k] for k in ("dx", "dh0", "dc0", "grads") if k in got},
+        {k: ref[k] for k in ("dx", "dh0", "dc0", "grads") if k in ref},
+        dtype,
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
+
 from fastrnn import reference
 
 B, N_IN, H = 2, 3, 4  # batch, input size, hidden size

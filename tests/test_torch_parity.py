@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import fastrnn
 import numpy as np
 import pytest
+
+import fastrnn
 from conftest import DTYPE_IDS, DTYPES, assert_close
 
 torch = pytest.importorskip("torch")
@@ -27,8 +28,10 @@ class Case:
     @property
     def id(self):
         b = "unbatched" if self.B is None else f"B{self.B}"
-        return (f"I{self.IN}-H{self.H}-{b}-T{self.T}-{'bias' if self.bias else 'nobias'}"
-                f"-{'bf' if self.batch_first else 'tm'}")
+        return (
+            f"I{self.IN}-H{self.H}-{b}-T{self.T}-{'bias' if self.bias else 'nobias'}"
+            f"-{'bf' if self.batch_first else 'tm'}"
+        )
 
 
 CASES = [
@@ -46,13 +49,20 @@ def make_pair(kind, case, dtype, seed):
     kwargs = dict(bias=case.bias, batch_first=case.batch_first, dtype=TORCH_DTYPE[np.dtype(dtype)])
     if kind == "lstm":
         tm = torch.nn.LSTM(case.IN, case.H, **kwargs)
-        fm = fastrnn.LSTM(case.IN, case.H, bias=case.bias, batch_first=case.batch_first,
-                          dtype=dtype)
+        fm = fastrnn.LSTM(
+            case.IN, case.H, bias=case.bias, batch_first=case.batch_first, dtype=dtype
+        )
     else:
         nl = kind[4:]
         tm = torch.nn.RNN(case.IN, case.H, nonlinearity=nl, **kwargs)
-        fm = fastrnn.RNN(case.IN, case.H, nonlinearity=nl, bias=case.bias,
-                         batch_first=case.batch_first, dtype=dtype)
+        fm = fastrnn.RNN(
+            case.IN,
+            case.H,
+            nonlinearity=nl,
+            bias=case.bias,
+            batch_first=case.batch_first,
+            dtype=dtype,
+        )
     fm.load_state_dict({k: v.detach().numpy() for k, v in tm.state_dict().items()})
     assert list(fm.state_dict()) == list(tm.state_dict())
     return tm, fm

@@ -29,7 +29,8 @@ CArray<T> as_array(const py::array& a, const char* name) {
   CArray<T> out = CArray<T>::ensure(a);
   if (!out)
     throw py::type_error(std::string(name) + " must be convertible to " +
-                         std::string(py::str(py::dtype::of<T>())) + ", got " + std::string(py::str(a.dtype())));
+                         std::string(py::str(py::dtype::of<T>())) + ", got " +
+                         std::string(py::str(a.dtype())));
   return out;
 }
 
@@ -59,16 +60,18 @@ std::vector<py::ssize_t> shape_of(const py::array& a) { return {a.shape(), a.sha
 
 void require_shape(const py::array& a, const std::vector<py::ssize_t>& expected, const char* name) {
   if (shape_of(a) != expected)
-    throw py::value_error(std::string(name) + " must have shape " + shape_string(expected) + ", got " +
-                          shape_string(shape_of(a)));
+    throw py::value_error(std::string(name) + " must have shape " + shape_string(expected) +
+                          ", got " + shape_string(shape_of(a)));
 }
 
 // A parameter-gradient array the caller owns and we add into: exact dtype, C-contiguous, writable.
 template <class T>
-T* accumulator(const std::optional<py::array>& a, const std::vector<py::ssize_t>& shape, const char* name) {
+T* accumulator(const std::optional<py::array>& a, const std::vector<py::ssize_t>& shape,
+               const char* name) {
   if (!a) return nullptr;
   if (!py::isinstance<py::array_t<T>>(*a) || !(a->flags() & py::array::c_style) || !a->writeable())
-    throw py::value_error(std::string(name) + " must be a writable C-contiguous array of the layer's dtype");
+    throw py::value_error(std::string(name) +
+                          " must be a writable C-contiguous array of the layer's dtype");
   require_shape(*a, shape, name);
   py::array target = *a;  // a new handle to the same array
   return static_cast<T*>(target.mutable_data());
@@ -84,7 +87,10 @@ class Layer {
 
   template <class T>
   const std::shared_ptr<const PackedLayer<T>>& get() const {
-    if constexpr (std::is_same_v<T, float>) return f32; else return f64;
+    if constexpr (std::is_same_v<T, float>)
+      return f32;
+    else
+      return f64;
   }
   const Layout& layout() const { return f32 ? f32->layout : f64->layout; }
   const char* isa() const { return f32 ? f32->isa->name : f64->isa->name; }
@@ -127,27 +133,34 @@ Layer pack_typed(Cell cell, const py::array& w_ih_in, const py::array& w_hh_in,
   py::gil_scoped_release release;
   auto packed = pack_layer<T>(isa, cell, input, hidden, w_ih.data(), w_hh.data(),
                               b_ih ? b_ih->data() : nullptr, b_hh ? b_hh->data() : nullptr);
-  if constexpr (std::is_same_v<T, float>) layer.f32 = std::move(packed); else layer.f64 = std::move(packed);
+  if constexpr (std::is_same_v<T, float>)
+    layer.f32 = std::move(packed);
+  else
+    layer.f64 = std::move(packed);
   return layer;
 }
 
 Layer pack(const std::string& cell_name_in, const py::array& w_ih, const py::array& w_hh,
            const std::optional<py::array>& b_ih, const std::optional<py::array>& b_hh) {
   const Cell cell = parse_cell(cell_name_in);
-  if (is_dtype(w_ih, py::dtype::of<float>())) return pack_typed<float>(cell, w_ih, w_hh, b_ih, b_hh);
-  if (is_dtype(w_ih, py::dtype::of<double>())) return pack_typed<double>(cell, w_ih, w_hh, b_ih, b_hh);
-  throw py::type_error("weight_ih must be float32 or float64, got " + std::string(py::str(w_ih.dtype())));
+  if (is_dtype(w_ih, py::dtype::of<float>()))
+    return pack_typed<float>(cell, w_ih, w_hh, b_ih, b_hh);
+  if (is_dtype(w_ih, py::dtype::of<double>()))
+    return pack_typed<double>(cell, w_ih, w_hh, b_ih, b_hh);
+  throw py::type_error("weight_ih must be float32 or float64, got " +
+                       std::string(py::str(w_ih.dtype())));
 }
 
 template <class T>
-py::tuple forward_typed(const Layer& layer, const py::array& x_in, const std::optional<py::array>& h0_in,
+py::tuple forward_typed(const Layer& layer, const py::array& x_in,
+                        const std::optional<py::array>& h0_in,
                         const std::optional<py::array>& c0_in, bool training) {
   const Layout& L = layer.layout();
   const bool lstm = L.cell == Cell::lstm;
   CArray<T> x = as_array<T>(x_in, "x");
   if (x.ndim() != 3 || x.shape(2) != L.input)
-    throw py::value_error("x must have shape (seq_len, batch, " + std::to_string(L.input) + "), got " +
-                          shape_string(shape_of(x_in)));
+    throw py::value_error("x must have shape (seq_len, batch, " + std::to_string(L.input) +
+                          "), got " + shape_string(shape_of(x_in)));
   const long steps = static_cast<long>(x.shape(0)), batch = static_cast<long>(x.shape(1));
   if (steps < 1) throw py::value_error("x: sequence length must be > 0, got 0");
   const std::vector<py::ssize_t> state_shape{batch, L.hidden};
@@ -175,7 +188,10 @@ py::tuple forward_typed(const Layer& layer, const py::array& x_in, const std::op
   py::object saved = py::none();
   if (state) {
     State s;
-    if constexpr (std::is_same_v<T, float>) s.f32 = std::move(state); else s.f64 = std::move(state);
+    if constexpr (std::is_same_v<T, float>)
+      s.f32 = std::move(state);
+    else
+      s.f64 = std::move(state);
     saved = py::cast(std::move(s));
   }
   return py::make_tuple(out, h_n, c_n ? py::object(*c_n) : py::none(), saved);
@@ -188,11 +204,11 @@ py::tuple forward_any(const Layer& layer, const py::array& x, const std::optiona
 }
 
 template <class T>
-py::tuple backward_typed(TrainingState<T>& state, bool& consumed, const std::optional<py::array>& grad_out_in,
-                         const std::optional<py::array>& grad_h_n_in,
-                         const std::optional<py::array>& grad_c_n_in,
-                         const std::optional<py::array>& grad_w_ih, const std::optional<py::array>& grad_w_hh,
-                         const std::optional<py::array>& grad_b_ih, const std::optional<py::array>& grad_b_hh) {
+py::tuple backward_typed(
+    TrainingState<T>& state, bool& consumed, const std::optional<py::array>& grad_out_in,
+    const std::optional<py::array>& grad_h_n_in, const std::optional<py::array>& grad_c_n_in,
+    const std::optional<py::array>& grad_w_ih, const std::optional<py::array>& grad_w_hh,
+    const std::optional<py::array>& grad_b_ih, const std::optional<py::array>& grad_b_hh) {
   const Layout& L = state.layer->layout;
   const bool lstm = L.cell == Cell::lstm;
   const long steps = state.steps, batch = state.batch, gate_rows = L.gates * L.hidden;
@@ -211,7 +227,8 @@ py::tuple backward_typed(TrainingState<T>& state, bool& consumed, const std::opt
     grad_c_n = as_array<T>(*grad_c_n_in, "grad_c_n");
     require_shape(*grad_c_n, state_shape, "grad_c_n");
   }
-  if (!grad_w_ih || !grad_w_hh) throw py::value_error("grad_weight_ih and grad_weight_hh are required");
+  if (!grad_w_ih || !grad_w_hh)
+    throw py::value_error("grad_weight_ih and grad_weight_hh are required");
   ParameterGrads<T> grads{accumulator<T>(grad_w_ih, {gate_rows, L.input}, "grad_weight_ih"),
                           accumulator<T>(grad_w_hh, {gate_rows, L.hidden}, "grad_weight_hh"),
                           accumulator<T>(grad_b_ih, {gate_rows}, "grad_bias_ih"),
@@ -223,29 +240,38 @@ py::tuple backward_typed(TrainingState<T>& state, bool& consumed, const std::opt
   {
     py::gil_scoped_release release;
     backward<T>(state, grad_out ? grad_out->data() : nullptr, grad_h_n ? grad_h_n->data() : nullptr,
-                grad_c_n ? grad_c_n->data() : nullptr, grad_x.mutable_data(), grad_h0.mutable_data(),
-                grad_c0 ? grad_c0->mutable_data() : nullptr, grads);
+                grad_c_n ? grad_c_n->data() : nullptr, grad_x.mutable_data(),
+                grad_h0.mutable_data(), grad_c0 ? grad_c0->mutable_data() : nullptr, grads);
   }
   return py::make_tuple(grad_x, grad_h0, grad_c0 ? py::object(*grad_c0) : py::none());
 }
 
 py::tuple backward_any(State& state, const std::optional<py::array>& grad_out,
-                       const std::optional<py::array>& grad_h_n, const std::optional<py::array>& grad_c_n,
-                       const std::optional<py::array>& grad_w_ih, const std::optional<py::array>& grad_w_hh,
-                       const std::optional<py::array>& grad_b_ih, const std::optional<py::array>& grad_b_hh) {
+                       const std::optional<py::array>& grad_h_n,
+                       const std::optional<py::array>& grad_c_n,
+                       const std::optional<py::array>& grad_w_ih,
+                       const std::optional<py::array>& grad_w_hh,
+                       const std::optional<py::array>& grad_b_ih,
+                       const std::optional<py::array>& grad_b_hh) {
   if (state.consumed)
-    throw std::runtime_error("backward was already run for this forward; run a training forward again");
+    throw std::runtime_error(
+        "backward was already run for this forward; run a training forward again");
   if (state.f32)
-    return backward_typed(*state.f32, state.consumed, grad_out, grad_h_n, grad_c_n, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh);
-  return backward_typed(*state.f64, state.consumed, grad_out, grad_h_n, grad_c_n, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh);
+    return backward_typed(*state.f32, state.consumed, grad_out, grad_h_n, grad_c_n, grad_w_ih,
+                          grad_w_hh, grad_b_ih, grad_b_hh);
+  return backward_typed(*state.f64, state.consumed, grad_out, grad_h_n, grad_c_n, grad_w_ih,
+                        grad_w_hh, grad_b_ih, grad_b_hh);
 }
 
 template <class T>
 py::array activation_typed(Activation kind, const py::array& x_in) {
   CArray<T> x = as_array<T>(x_in, "x");
   CArray<T> y(x.size());
-  const KernelTable<T>& k = [] () -> const KernelTable<T>& {
-    if constexpr (std::is_same_v<T, float>) return active_isa().f32; else return active_isa().f64;
+  const KernelTable<T>& k = []() -> const KernelTable<T>& {
+    if constexpr (std::is_same_v<T, float>)
+      return active_isa().f32;
+    else
+      return active_isa().f64;
   }();
   py::gil_scoped_release release;
   FlushDenormalsScope flush_denormals;
@@ -255,10 +281,14 @@ py::array activation_typed(Activation kind, const py::array& x_in) {
 
 py::array activation(const std::string& name, const py::array& x) {
   Activation kind;
-  if (name == "sigmoid") kind = Activation::sigmoid;
-  else if (name == "tanh") kind = Activation::tanh;
-  else if (name == "relu") kind = Activation::relu;
-  else throw py::value_error("activation must be 'sigmoid', 'tanh' or 'relu', got '" + name + "'");
+  if (name == "sigmoid")
+    kind = Activation::sigmoid;
+  else if (name == "tanh")
+    kind = Activation::tanh;
+  else if (name == "relu")
+    kind = Activation::relu;
+  else
+    throw py::value_error("activation must be 'sigmoid', 'tanh' or 'relu', got '" + name + "'");
   if (x.ndim() != 1) throw py::value_error("x must be 1-D");
   if (is_dtype(x, py::dtype::of<float>())) return activation_typed<float>(kind, x);
   if (is_dtype(x, py::dtype::of<double>())) return activation_typed<double>(kind, x);
@@ -276,17 +306,22 @@ PYBIND11_MODULE(_core, m) {
   }
   m.attr("__version__") = FASTRNN_VERSION;
 
-  m.def("active_isa", [] { return std::string(active_isa().name); },
-        "The instruction set the kernels use (chosen at import; FASTRNN_ISA overrides it).");
+  m.def(
+      "active_isa", [] { return std::string(active_isa().name); },
+      "The instruction set the kernels use (chosen at import; FASTRNN_ISA overrides it).");
   m.def("available_isas", &available_isas, "The instruction sets this CPU supports, best first.");
-  m.def("compiled_isas", &compiled_isas, "The instruction sets compiled into this build, best first.");
-  m.def("_set_isa", [](const std::string& name) {
+  m.def("compiled_isas", &compiled_isas,
+        "The instruction sets compiled into this build, best first.");
+  m.def(
+      "_set_isa",
+      [](const std::string& name) {
         try {
           set_active_isa(name);
         } catch (const std::invalid_argument& e) {
           throw py::value_error(e.what());
         }
-      }, py::arg("name"), "Testing hook: use another ISA for layers packed from now on.");
+      },
+      py::arg("name"), "Testing hook: use another ISA for layers packed from now on.");
   m.def("activation", &activation, py::arg("name"), py::arg("x"),
         "Testing hook: the active ISA's vectorized activation applied to a 1-D array.");
 

@@ -89,12 +89,13 @@ void set_active_isa(const std::string& name) {
   for (const auto& e : registry()) {
     if (name != e.kernels->name) continue;
     if (!e.supported())
-      throw std::invalid_argument("ISA '" + name + "' is not supported by this CPU; available: " +
-                                  join(available_isas()));
+      throw std::invalid_argument(
+          "ISA '" + name + "' is not supported by this CPU; available: " + join(available_isas()));
     active.store(e.kernels);
     return;
   }
-  throw std::invalid_argument("unknown ISA '" + name + "'; this build has: " + join(compiled_isas()));
+  throw std::invalid_argument("unknown ISA '" + name +
+                              "'; this build has: " + join(compiled_isas()));
 }
 
 void select_isa_from_environment() {

@@ -17,7 +17,8 @@ constexpr long kInferenceGateElements = 1L << 20;
 template <class T>
 void copy_rows(T* dst, long dst_stride, const T* src, long src_stride, long rows, long cols) {
   for (long r = 0; r < rows; ++r)
-    std::memcpy(dst + r * dst_stride, src + r * src_stride, static_cast<std::size_t>(cols) * sizeof(T));
+    std::memcpy(dst + r * dst_stride, src + r * src_stride,
+                static_cast<std::size_t>(cols) * sizeof(T));
 }
 
 // gates[rows, gate_stride] = bias + x[rows, input] · W_ihᵀ
@@ -25,16 +26,18 @@ template <class T>
 void input_projection(const PackedLayer<T>& p, const T* x, long rows, T* gates) {
   const Layout& L = p.layout;
   for (long r = 0; r < rows; ++r)
-    std::memcpy(gates + r * L.gate_stride, p.bias.data(), static_cast<std::size_t>(L.gate_stride) * sizeof(T));
-  GemmArgs<T> g{rows, L.gate_stride, L.input, {x, L.input, 1}, &p.w_ih_panels, gates, L.gate_stride, true};
+    std::memcpy(gates + r * L.gate_stride, p.bias.data(),
+                static_cast<std::size_t>(L.gate_stride) * sizeof(T));
+  GemmArgs<T> g{rows,           L.gate_stride, L.input,       {x, L.input, 1},
+                &p.w_ih_panels, gates,         L.gate_stride, true};
   p.kernels->gemm(g);
 }
 
 }  // namespace
 
 template <class T>
-void forward(const std::shared_ptr<const PackedLayer<T>>& layer, long steps, long batch,
-             const T* x, const T* h0, const T* c0, T* out, T* h_n, T* c_n, TrainingState<T>* state) {
+void forward(const std::shared_ptr<const PackedLayer<T>>& layer, long steps, long batch, const T* x,
+             const T* h0, const T* c0, T* out, T* h_n, T* c_n, TrainingState<T>* state) {
   FlushDenormalsScope flush_denormals;
   const PackedLayer<T>& p = *layer;
   const Layout& L = p.layout;
@@ -51,7 +54,8 @@ void forward(const std::shared_ptr<const PackedLayer<T>>& layer, long steps, lon
   // Every buffer is allocated before any work, so a request too large fails at once.
   // Training keeps the whole sequence of gates and cell states for backward; inference computes
   // x·W_ihᵀ for a chunk of time steps at a time and alternates two cell states.
-  const long chunk_steps = state ? steps : std::clamp(kInferenceGateElements / row_elements, 1L, steps);
+  const long chunk_steps =
+      state ? steps : std::clamp(kInferenceGateElements / row_elements, 1L, steps);
   AlignedBuffer<T> inference_gates, inference_c;
   T* gates = nullptr;
   T* c_all = nullptr;
@@ -114,8 +118,8 @@ void forward(const std::shared_ptr<const PackedLayer<T>>& layer, long steps, lon
 }
 
 template <class T>
-void backward(TrainingState<T>& state, const T* grad_out, const T* grad_h_n,
-              const T* grad_c_n, T* grad_x, T* grad_h0, T* grad_c0, const ParameterGrads<T>& grads) {
+void backward(TrainingState<T>& state, const T* grad_out, const T* grad_h_n, const T* grad_c_n,
+              T* grad_x, T* grad_h0, T* grad_c0, const ParameterGrads<T>& grads) {
   FlushDenormalsScope flush_denormals;
   const PackedLayer<T>& p = *state.layer;
   const Layout& L = p.layout;
@@ -196,10 +200,11 @@ void backward(TrainingState<T>& state, const T* grad_out, const T* grad_h_n,
 template void forward(const std::shared_ptr<const PackedLayer<float>>&, long, long, const float*,
                       const float*, const float*, float*, float*, float*, TrainingState<float>*);
 template void forward(const std::shared_ptr<const PackedLayer<double>>&, long, long, const double*,
-                      const double*, const double*, double*, double*, double*, TrainingState<double>*);
+                      const double*, const double*, double*, double*, double*,
+                      TrainingState<double>*);
 template void backward(TrainingState<float>&, const float*, const float*, const float*, float*,
                        float*, float*, const ParameterGrads<float>&);
-template void backward(TrainingState<double>&, const double*, const double*, const double*,
-                       double*, double*, double*, const ParameterGrads<double>&);
+template void backward(TrainingState<double>&, const double*, const double*, const double*, double*,
+                       double*, double*, const ParameterGrads<double>&);
 
 }  // namespace fastrnn

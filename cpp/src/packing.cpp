@@ -9,9 +9,13 @@ namespace {
 template <class T>
 const KernelTable<T>& table_of(const IsaKernels& isa);
 template <>
-const KernelTable<float>& table_of(const IsaKernels& isa) { return isa.f32; }
+const KernelTable<float>& table_of(const IsaKernels& isa) {
+  return isa.f32;
+}
 template <>
-const KernelTable<double>& table_of(const IsaKernels& isa) { return isa.f64; }
+const KernelTable<double>& table_of(const IsaKernels& isa) {
+  return isa.f64;
+}
 
 Layout make_layout(Cell cell, long input, long hidden, int lanes) {
   Layout L{};
@@ -50,19 +54,22 @@ std::shared_ptr<const PackedLayer<T>> pack_layer(const IsaKernels& isa, Cell cel
   const long generic_panel = p.kernels->gemm_panel_vectors * lanes;
 
   // Forward: K x gate columns, gate-interleaved panels.
-  p.w_ih_panels = pack_panels(p.w_ih, input, L.gate_stride, gate_panel, lanes, [&](long k, long col) {
-    const long row = torch_row_of_gate_column(L, col);
-    return row < 0 ? T(0) : w_ih[row * input + k];
-  });
-  p.w_hh_panels = pack_panels(p.w_hh, hidden, L.gate_stride, gate_panel, lanes, [&](long k, long col) {
-    const long row = torch_row_of_gate_column(L, col);
-    return row < 0 ? T(0) : w_hh[row * hidden + k];
-  });
+  p.w_ih_panels =
+      pack_panels(p.w_ih, input, L.gate_stride, gate_panel, lanes, [&](long k, long col) {
+        const long row = torch_row_of_gate_column(L, col);
+        return row < 0 ? T(0) : w_ih[row * input + k];
+      });
+  p.w_hh_panels =
+      pack_panels(p.w_hh, hidden, L.gate_stride, gate_panel, lanes, [&](long k, long col) {
+        const long row = torch_row_of_gate_column(L, col);
+        return row < 0 ? T(0) : w_hh[row * hidden + k];
+      });
   // Backward: gate columns (as rows, K) x input / hidden units.
-  p.w_ih_t_panels = pack_panels(p.w_ih_t, L.gate_stride, input, generic_panel, lanes, [&](long col, long n) {
-    const long row = torch_row_of_gate_column(L, col);
-    return row < 0 ? T(0) : w_ih[row * input + n];
-  });
+  p.w_ih_t_panels =
+      pack_panels(p.w_ih_t, L.gate_stride, input, generic_panel, lanes, [&](long col, long n) {
+        const long row = torch_row_of_gate_column(L, col);
+        return row < 0 ? T(0) : w_ih[row * input + n];
+      });
   p.w_hh_t_panels = pack_panels(p.w_hh_t, L.gate_stride, L.hidden_padded, generic_panel, lanes,
                                 [&](long col, long n) {
                                   const long row = torch_row_of_gate_column(L, col);

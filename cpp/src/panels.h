@@ -6,7 +6,9 @@
 
 namespace fastrnn {
 
-inline long round_up(long value, long multiple) { return (value + multiple - 1) / multiple * multiple; }
+inline long round_up(long value, long multiple) {
+  return (value + multiple - 1) / multiple * multiple;
+}
 
 // Packs a rows x cols matrix given element-wise by value(k, j) into panels of panel_width columns
 // (the last panel narrower, padded with zeros to a multiple of lanes).

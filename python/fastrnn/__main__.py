@@ -24,7 +24,7 @@ def _rel_err(got: np.ndarray, want: np.ndarray) -> float:
 
 
 def self_check(isa: str, dtype: np.dtype) -> float:
-    """Largest relative error of a small LSTM and RNN (outputs and all gradients) vs the reference."""
+    """Largest relative error of a small LSTM and ReLU RNN (outputs, all gradients) vs reference."""
     rng = np.random.default_rng(0)
     steps, batch, inputs, hidden = 7, 3, 13, 37
     x = rng.standard_normal((steps, batch, inputs)).astype(dtype)
@@ -60,7 +60,9 @@ def info() -> int:
     print(f"active ISA:     {_core.active_isa()}  (set FASTRNN_ISA to force one)")
     print(f"available ISAs: {', '.join(_core.available_isas())}")
     print(f"compiled ISAs:  {', '.join(_core.compiled_isas())}")
-    print(f"cores usable by this process: {_usable_cores()} (the kernels run on the calling thread)")
+    print(
+        f"cores usable by this process: {_usable_cores()} (the kernels run on the calling thread)"
+    )
     print("self-check against fastrnn.reference (LSTM and ReLU RNN, forward and all gradients):")
     tolerances = {np.dtype(np.float32): 2e-4, np.dtype(np.float64): 1e-9}
     ok = True
@@ -69,7 +71,10 @@ def info() -> int:
             err = self_check(isa, dtype)
             passed = err <= tol
             ok &= passed
-            print(f"  {isa:7s} {dtype.name:8s} max relative error {err:.1e}  {'ok' if passed else 'FAILED'}")
+            print(
+                f"  {isa:7s} {dtype.name:8s} max relative error {err:.1e}  "
+                f"{'ok' if passed else 'FAILED'}"
+            )
     print("all checks passed" if ok else "SELF-CHECK FAILED")
     return 0 if ok else 1
 

@@ -20,14 +20,18 @@ def _checked(name: str, value: Any, dtype: np.dtype | None = None) -> np.ndarray
     if array.dtype not in (np.float32, np.float64):
         raise TypeError(f"{name} must be float32 or float64, got {array.dtype}")
     if dtype is not None and array.dtype != dtype:
-        raise TypeError(f"{name} must have dtype {dtype} (the dtype of weight_ih), got {array.dtype}")
+        raise TypeError(
+            f"{name} must have dtype {dtype} (the dtype of weight_ih), got {array.dtype}"
+        )
     return array
 
 
 def _run(cell: str, x: Any, h0: Any, c0: Any, weights: tuple[Any, ...]) -> tuple[Any, ...]:
     names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
     w_ih = _checked("weight_ih", weights[0])
-    arrays = [w_ih] + [None if w is None else _checked(n, w, w_ih.dtype) for n, w in zip(names[1:], weights[1:])]
+    arrays = [w_ih] + [
+        None if w is None else _checked(n, w, w_ih.dtype) for n, w in zip(names[1:], weights[1:])
+    ]
     x = _checked("x", x, w_ih.dtype)
     if x.ndim != 3:
         raise ValueError(f"x must have shape (seq_len, batch, input_size), got {x.shape}")
@@ -38,7 +42,13 @@ def _run(cell: str, x: Any, h0: Any, c0: Any, weights: tuple[Any, ...]) -> tuple
 
 
 def lstm(
-    x: Any, h0: Any, c0: Any, weight_ih: Any, weight_hh: Any, bias_ih: Any = None, bias_hh: Any = None
+    x: Any,
+    h0: Any,
+    c0: Any,
+    weight_ih: Any,
+    weight_hh: Any,
+    bias_ih: Any = None,
+    bias_hh: Any = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """LSTM forward: x (T, B, I), h0 and c0 (B, H) or None -> (out (T, B, H), h_n, c_n)."""
     out, h_n, c_n = _run("lstm", x, h0, c0, (weight_ih, weight_hh, bias_ih, bias_hh))

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -135,7 +136,9 @@ class _RNNBase:
         expected = self._param_shapes()[name]
         array = np.array(value, dtype=self.dtype)  # a private copy, whatever came in
         if array.shape != expected:
-            raise ValueError(f"{name} must have shape {_shape(expected)}, got {_shape(array.shape)}")
+            raise ValueError(
+                f"{name} must have shape {_shape(expected)}, got {_shape(array.shape)}"
+            )
         array.setflags(write=False)  # packed copies exist: in-place edits would be ignored
         return array
 
@@ -180,7 +183,9 @@ class _RNNBase:
         self._packed = None
 
     def zero_grad(self) -> None:
-        self.grads = {name: np.zeros(shape, self.dtype) for name, shape in self._param_shapes().items()}
+        self.grads = {
+            name: np.zeros(shape, self.dtype) for name, shape in self._param_shapes().items()
+        }
 
     # -- modes ------------------------------------------------------------------------------
 
@@ -202,7 +207,11 @@ class _RNNBase:
         if packed is None or packed.isa != _core.active_isa():
             p = self._params
             packed = _core.pack(
-                self._cell, p["weight_ih_l0"], p["weight_hh_l0"], p.get("bias_ih_l0"), p.get("bias_hh_l0")
+                self._cell,
+                p["weight_ih_l0"],
+                p["weight_hh_l0"],
+                p.get("bias_ih_l0"),
+                p.get("bias_hh_l0"),
             )
             self._packed = packed
         return packed
@@ -237,13 +246,19 @@ class _RNNBase:
         expected = self._state_shape(batch, batched)
         if array.shape != expected:
             hint = " (unbatched x needs 2-D states)" if not batched and array.ndim == 3 else ""
-            raise ValueError(f"{name} must have shape {_shape(expected)}, got {_shape(array.shape)}{hint}")
+            raise ValueError(
+                f"{name} must have shape {_shape(expected)}, got {_shape(array.shape)}{hint}"
+            )
         return array.reshape(batch, self.hidden_size)
 
     def _output_shape(self, steps: int, batch: int, batched: bool) -> tuple[int, ...]:
         if not batched:
             return (steps, self.hidden_size)
-        return (batch, steps, self.hidden_size) if self.batch_first else (steps, batch, self.hidden_size)
+        return (
+            (batch, steps, self.hidden_size)
+            if self.batch_first
+            else (steps, batch, self.hidden_size)
+        )
 
     def _user_output(self, out: np.ndarray, batched: bool) -> np.ndarray:
         if not batched:
@@ -253,7 +268,9 @@ class _RNNBase:
     def _user_state(self, state: np.ndarray, batched: bool) -> np.ndarray:
         return state.reshape(self._state_shape(state.shape[0], batched))
 
-    def _run_forward(self, x: Any, h0: Any, c0: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    def _run_forward(
+        self, x: Any, h0: Any, c0: Any
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         xt, batched = self._time_major_input(x)
         batch = xt.shape[1]
         h0 = self._state_input(h0, "h0", batch, batched)
@@ -277,7 +294,8 @@ class _RNNBase:
             expected = self._output_shape(steps, batch, batched)
             if grad_out.shape != expected:
                 raise ValueError(
-                    f"grad_out must have the output's shape {_shape(expected)}, got {_shape(grad_out.shape)}"
+                    f"grad_out must have the output's shape {_shape(expected)}, "
+                    f"got {_shape(grad_out.shape)}"
                 )
             if not batched:
                 grad_out = grad_out[:, None, :]
@@ -351,8 +369,16 @@ class LSTM(_RNNBase):
         seed: int | np.random.Generator | None = None,
     ) -> None:
         super().__init__(
-            input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
-            proj_size, dtype, seed,
+            input_size,
+            hidden_size,
+            num_layers,
+            bias,
+            batch_first,
+            dropout,
+            bidirectional,
+            proj_size,
+            dtype,
+            seed,
         )
 
     def forward(
@@ -413,8 +439,16 @@ class RNN(_RNNBase):
             raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
         self.nonlinearity = nonlinearity
         super().__init__(
-            input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, 0,
-            dtype, seed,
+            input_size,
+            hidden_size,
+            num_layers,
+            bias,
+            batch_first,
+            dropout,
+            bidirectional,
+            0,
+            dtype,
+            seed,
         )
 
     @property

@@ -11,7 +11,9 @@ namespace fastrnn {
 class FlushDenormalsScope {
  public:
 #if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
-  FlushDenormalsScope() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | kFlushToZero | kDenormalsAreZero); }
+  FlushDenormalsScope() : saved_(_mm_getcsr()) {
+    _mm_setcsr(saved_ | kFlushToZero | kDenormalsAreZero);
+  }
   ~FlushDenormalsScope() { _mm_setcsr(saved_); }
 
  private:

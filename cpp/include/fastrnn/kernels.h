@@ -23,15 +23,15 @@ enum class Activation : int { sigmoid = 0, tanh = 1, relu = 2 };
 // with rows of `gate_stride` = gates * hidden_padded elements.
 struct Layout {
   Cell cell;
-  int gates;             // G: 1 (RNN), 4 (LSTM: i, f, g, o)
-  long input;            // I
-  long hidden;           // H
-  int lanes;             // W: SIMD width of the dtype on the ISA
-  int panel_vectors;     // U: vectors of hidden units per gate in a panel
-  long panel_hidden;     // U * W
-  long hidden_padded;    // H rounded up to panel_hidden
-  long panels;           // hidden_padded / panel_hidden
-  long gate_stride;      // G * hidden_padded
+  int gates;           // G: 1 (RNN), 4 (LSTM: i, f, g, o)
+  long input;          // I
+  long hidden;         // H
+  int lanes;           // W: SIMD width of the dtype on the ISA
+  int panel_vectors;   // U: vectors of hidden units per gate in a panel
+  long panel_hidden;   // U * W
+  long hidden_padded;  // H rounded up to panel_hidden
+  long panels;         // hidden_padded / panel_hidden
+  long gate_stride;    // G * hidden_padded
 };
 
 // A matrix (rows x cols) packed into column panels for the micro-kernel: panel p holds columns
@@ -71,34 +71,36 @@ template <class T>
 struct StepForwardArgs {
   const Layout* layout;
   long batch;
-  const T* h_prev;          // [batch, hidden], row stride h_prev_stride; nullptr: zeros
+  const T* h_prev;  // [batch, hidden], row stride h_prev_stride; nullptr: zeros
   long h_prev_stride;
-  const T* w_hh;            // gate-interleaved panels, hidden rows each
-  T* gates;                 // [batch, gate_stride]: in x·W_ihᵀ + biases; out post-activation gates (LSTM, if store_gates)
-  const T* c_prev;          // [batch, hidden_padded] (LSTM)
-  T* c_next;                // [batch, hidden_padded] (LSTM)
-  T* h_next;                // [batch, hidden], row stride h_next_stride
+  const T* w_hh;  // gate-interleaved panels, hidden rows each
+  T* gates;  // [batch, gate_stride]: in x·W_ihᵀ + biases; out post-activation gates (LSTM, if
+             // store_gates)
+  const T* c_prev;  // [batch, hidden_padded] (LSTM)
+  T* c_next;        // [batch, hidden_padded] (LSTM)
+  T* h_next;        // [batch, hidden], row stride h_next_stride
   long h_next_stride;
   bool store_gates;
   long panel_begin, panel_end;
 };
 
-// One time step backward for hidden columns [col_begin, col_end) of w_hh_t (multiples of its panel width):
-// dh_t = grad_out_t (+ grad_h_last) + dG_{t+1} · W_hh, then the cell's gate gradients in the epilogue.
+// One time step backward for hidden columns [col_begin, col_end) of w_hh_t (multiples of its panel
+// width): dh_t = grad_out_t (+ grad_h_last) + dG_{t+1} · W_hh, then the cell's gate gradients in
+// the epilogue.
 template <class T>
 struct StepBackwardArgs {
   const Layout* layout;
   long batch;
-  const T* grad_gates_next;           // dG_{t+1} [batch, gate_stride], or nullptr at the last step
-  const PackedPanels<T>* w_hh_t;      // rows gate_stride (panel column order), cols hidden_padded
-  const T* grad_out;                  // dL/dh_t from the layer output [batch, hidden] or nullptr
+  const T* grad_gates_next;       // dG_{t+1} [batch, gate_stride], or nullptr at the last step
+  const PackedPanels<T>* w_hh_t;  // rows gate_stride (panel column order), cols hidden_padded
+  const T* grad_out;              // dL/dh_t from the layer output [batch, hidden] or nullptr
   long grad_out_stride;
-  const T* grad_h_last;               // dL/dh_n [batch, hidden] at the last step, else nullptr
-  T* gates;                           // in: post-activation gates at t (LSTM); out: dG_t (pre-activation grads)
-  const T* h;                         // h_t [batch, hidden] (RNN derivative)
-  const T* c;                         // c_t [batch, hidden_padded] (LSTM)
-  const T* c_prev;                    // c_{t-1} [batch, hidden_padded] (LSTM)
-  T* grad_c;                          // in: dL/dc_t; out: dL/dc_{t-1} [batch, hidden_padded] (LSTM)
+  const T* grad_h_last;  // dL/dh_n [batch, hidden] at the last step, else nullptr
+  T* gates;              // in: post-activation gates at t (LSTM); out: dG_t (pre-activation grads)
+  const T* h;            // h_t [batch, hidden] (RNN derivative)
+  const T* c;            // c_t [batch, hidden_padded] (LSTM)
+  const T* c_prev;       // c_{t-1} [batch, hidden_padded] (LSTM)
+  T* grad_c;             // in: dL/dc_t; out: dL/dc_{t-1} [batch, hidden_padded] (LSTM)
   long col_begin, col_end;
 };
 

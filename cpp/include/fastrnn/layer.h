@@ -42,8 +42,8 @@ struct TrainingState {
 // Writes out [steps, batch, hidden], h_n and (LSTM) c_n [batch, hidden].
 // With a non-null `state`, keeps what backward needs in it.
 template <class T>
-void forward(const std::shared_ptr<const PackedLayer<T>>& layer, long steps, long batch,
-             const T* x, const T* h0, const T* c0, T* out, T* h_n, T* c_n, TrainingState<T>* state);
+void forward(const std::shared_ptr<const PackedLayer<T>>& layer, long steps, long batch, const T* x,
+             const T* h0, const T* c0, T* out, T* h_n, T* c_n, TrainingState<T>* state);
 
 // Gradients of the layer's parameters in torch.nn's layout; each is accumulated (+=).
 template <class T>
@@ -58,7 +58,7 @@ struct ParameterGrads {
 // grad_out [steps, batch, hidden], grad_h_n, grad_c_n [batch, hidden]: each may be nullptr (zeros).
 // Writes grad_x [steps, batch, input], grad_h0 and (LSTM) grad_c0 [batch, hidden].
 template <class T>
-void backward(TrainingState<T>& state, const T* grad_out, const T* grad_h_n,
-              const T* grad_c_n, T* grad_x, T* grad_h0, T* grad_c0, const ParameterGrads<T>& grads);
+void backward(TrainingState<T>& state, const T* grad_out, const T* grad_h_n, const T* grad_c_n,
+              T* grad_x, T* grad_h0, T* grad_c0, const ParameterGrads<T>& grads);
 
 }  // namespace fastrnn

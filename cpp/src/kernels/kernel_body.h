@@ -26,6 +26,7 @@ namespace FASTRNN_ISA_NAMESPACE {
 template <class T>
 struct MathConstants;
 
+// clang-format off
 template <>
 struct MathConstants<float> {
   // exp's argument range: the result stays a normal float (denormals are flushed anyway).
@@ -63,6 +64,7 @@ struct MathConstants<double> {
       -0.0014550220137707918, 0.0005865295298944454,  -0.00022899358537805908,
       7.76218278348852e-05,   -1.6298164993925527e-05};
 };
+// clang-format on
 
 template <class V, class T, int N>
 FASTRNN_INLINE V horner(V x, const T (&coefficients)[N]) {
@@ -154,11 +156,21 @@ FASTRNN_INLINE void with_rows(long rows, Body&& body) {
   static_assert(MR <= 6, "extend with_rows for larger micro-kernels");
   switch (rows) {
     case 1: body.template operator()<1>(); break;
-    case 2: if constexpr (MR >= 2) body.template operator()<2>(); break;
-    case 3: if constexpr (MR >= 3) body.template operator()<3>(); break;
-    case 4: if constexpr (MR >= 4) body.template operator()<4>(); break;
-    case 5: if constexpr (MR >= 5) body.template operator()<5>(); break;
-    case 6: if constexpr (MR >= 6) body.template operator()<6>(); break;
+    case 2:
+      if constexpr (MR >= 2) body.template operator()<2>();
+      break;
+    case 3:
+      if constexpr (MR >= 3) body.template operator()<3>();
+      break;
+    case 4:
+      if constexpr (MR >= 4) body.template operator()<4>();
+      break;
+    case 5:
+      if constexpr (MR >= 5) body.template operator()<5>();
+      break;
+    case 6:
+      if constexpr (MR >= 6) body.template operator()<6>();
+      break;
     default: break;
   }
 }
@@ -179,7 +191,7 @@ FASTRNN_INLINE void with_vectors(long vectors, Body&& body) {
 // (rows padded with zeros), so the micro-kernel always runs full MR rows.
 
 constexpr long kGemmPanelVectors = 4;
-constexpr long kBlockK = 256;          // a packed A micro-panel (MR x kBlockK) stays in L1
+constexpr long kBlockK = 256;  // a packed A micro-panel (MR x kBlockK) stays in L1
 constexpr long kBlockM = kMicroRows * 8;
 
 template <class T>
@@ -202,14 +214,15 @@ void gemm(const GemmArgs<T>& g) {
     const bool accumulate = g.accumulate || k0 > 0;
     for (long m0 = 0; m0 < g.m; m0 += kBlockM) {
       const long mc = min_long(kBlockM, g.m - m0);
-      // Pack A[m0:m0+mc, k0:k0+kc] into micro-panels: element (r, k) at [(r / MR) * kc * MR + k * MR + r % MR].
+      // Pack A[m0:m0+mc, k0:k0+kc] into micro-panels: element (r, k) at [(r / MR) * kc * MR + k *
+      // MR + r % MR].
       for (long r0 = 0; r0 < mc; r0 += MR) {
         T* dst = a_block + r0 * kc;
         for (long k = 0; k < kc; ++k)
           for (long r = 0; r < MR; ++r)
-            dst[k * MR + r] = r0 + r < mc ? g.a.data[(m0 + r0 + r) * g.a.row_stride +
-                                                     (k0 + k) * g.a.col_stride]
-                                          : T(0);
+            dst[k * MR + r] =
+                r0 + r < mc ? g.a.data[(m0 + r0 + r) * g.a.row_stride + (k0 + k) * g.a.col_stride]
+                            : T(0);
       }
       for (long r0 = 0; r0 < mc; r0 += MR) {
         const long rows = min_long(MR, mc - r0);
@@ -314,8 +327,8 @@ void run_step_forward(const StepForwardArgs<typename V::value_type>& s, const Ep
       with_rows<MR>(min_long(MR, s.batch - row0), [&]<int R>() {
         V acc[R][NV];
         if (s.h_prev)
-          multiply_panel<V, R, NV>(L.hidden, s.h_prev + row0 * s.h_prev_stride, s.h_prev_stride,
-                                   1, panel, acc);
+          multiply_panel<V, R, NV>(L.hidden, s.h_prev + row0 * s.h_prev_stride, s.h_prev_stride, 1,
+                                   panel, acc);
         else
           multiply_panel<V, R, NV>(0, s.h_prev, 0, 0, panel, acc);  // zero state: acc = 0
         epilogue.template operator()<R>(acc, row0, p);
@@ -328,18 +341,14 @@ template <class T>
 void step_forward(const StepForwardArgs<T>& s) {
   using V = typename Simd<T>::type;
   switch (s.layout->cell) {
-    case Cell::lstm:
-      run_step_forward<V, 4>(s, LstmForwardEpilogue<V, 1>{s});
-      break;
+    case Cell::lstm: run_step_forward<V, 4>(s, LstmForwardEpilogue<V, 1>{s}); break;
     case Cell::rnn_tanh:
-      with_vectors(s.layout->panel_vectors, [&]<int U>() {
-        run_step_forward<V, U>(s, RnnForwardEpilogue<V, U, false>{s});
-      });
+      with_vectors(s.layout->panel_vectors,
+                   [&]<int U>() { run_step_forward<V, U>(s, RnnForwardEpilogue<V, U, false>{s}); });
       break;
     case Cell::rnn_relu:
-      with_vectors(s.layout->panel_vectors, [&]<int U>() {
-        run_step_forward<V, U>(s, RnnForwardEpilogue<V, U, true>{s});
-      });
+      with_vectors(s.layout->panel_vectors,
+                   [&]<int U>() { run_step_forward<V, U>(s, RnnForwardEpilogue<V, U, true>{s}); });
       break;
   }
 }
@@ -382,7 +391,8 @@ struct RnnBackwardEpilogue {
 };
 
 template <class V, class Epilogue>
-void run_step_backward(const StepBackwardArgs<typename V::value_type>& s, const Epilogue& epilogue) {
+void run_step_backward(const StepBackwardArgs<typename V::value_type>& s,
+                       const Epilogue& epilogue) {
   using T = typename V::value_type;
   constexpr int MR = kMicroRows;
   constexpr long W = V::lanes;
@@ -405,8 +415,10 @@ void run_step_backward(const StepBackwardArgs<typename V::value_type>& s, const 
               const long j = col0 + v * W;
               const long n = min_long(W, L.hidden - j);
               V dh = acc[r][v];
-              if (n > 0 && s.grad_out) dh = dh + load_first<V>(s.grad_out + row * s.grad_out_stride + j, n);
-              if (n > 0 && s.grad_h_last) dh = dh + load_first<V>(s.grad_h_last + row * L.hidden + j, n);
+              if (n > 0 && s.grad_out)
+                dh = dh + load_first<V>(s.grad_out + row * s.grad_out_stride + j, n);
+              if (n > 0 && s.grad_h_last)
+                dh = dh + load_first<V>(s.grad_h_last + row * L.hidden + j, n);
               epilogue(s, dh, row, j);
             }
           }
@@ -434,15 +446,21 @@ void activation(Activation kind, const T* in, T* out, long n) {
   for (long i = 0; i < n; i += V::lanes) {
     const long count = min_long(V::lanes, n - i);
     const V x = load_first<V>(in + i, count);
-    const V y = kind == Activation::sigmoid ? sigmoid(x) : kind == Activation::tanh ? tanh(x) : relu(x);
+    const V y = kind == Activation::sigmoid ? sigmoid(x)
+                : kind == Activation::tanh  ? tanh(x)
+                                            : relu(x);
     store_first(out + i, y, count);
   }
 }
 
 template <class T>
 constexpr KernelTable<T> make_table() {
-  return {Simd<T>::type::lanes, static_cast<int>(kGemmPanelVectors), &gemm<T>, &step_forward<T>,
-          &step_backward<T>, &activation<T>};
+  return {Simd<T>::type::lanes,
+          static_cast<int>(kGemmPanelVectors),
+          &gemm<T>,
+          &step_forward<T>,
+          &step_backward<T>,
+          &activation<T>};
 }
 
 #undef FASTRNN_INLINE

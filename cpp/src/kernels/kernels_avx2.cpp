@@ -5,5 +5,5 @@
 
 namespace fastrnn {
 extern constinit const IsaKernels avx2_kernels = {"avx2", avx2::make_table<float>(),
-                                                    avx2::make_table<double>()};
+                                                  avx2::make_table<double>()};
 }  // namespace fastrnn

@@ -54,7 +54,9 @@ struct F64x4 {
   static __m256i tail_mask(int n) {
     return _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3));
   }
-  static F64x4 load_partial(const double* p, int n) { return {_mm256_maskload_pd(p, tail_mask(n))}; }
+  static F64x4 load_partial(const double* p, int n) {
+    return {_mm256_maskload_pd(p, tail_mask(n))};
+  }
   void store(double* p) const { _mm256_storeu_pd(p, v); }
   void store_partial(double* p, int n) const { _mm256_maskstore_pd(p, tail_mask(n), v); }
   friend F64x4 operator+(F64x4 a, F64x4 b) { return {_mm256_add_pd(a.v, b.v)}; }
@@ -80,13 +82,21 @@ struct F64x4 {
     const __m256d magic = _mm256_set1_pd(6755399441055744.0);
     const __m256i as_int = _mm256_sub_epi64(_mm256_castpd_si256(_mm256_add_pd(n.v, magic)),
                                             _mm256_castpd_si256(magic));
-    return {_mm256_castsi256_pd(_mm256_slli_epi64(_mm256_add_epi64(as_int, _mm256_set1_epi64x(1023)), 52))};
+    return {_mm256_castsi256_pd(
+        _mm256_slli_epi64(_mm256_add_epi64(as_int, _mm256_set1_epi64x(1023)), 52))};
   }
 };
 
-template <class T> struct Simd;
-template <> struct Simd<float> { using type = F32x8; };
-template <> struct Simd<double> { using type = F64x4; };
+template <class T>
+struct Simd;
+template <>
+struct Simd<float> {
+  using type = F32x8;
+};
+template <>
+struct Simd<double> {
+  using type = F64x4;
+};
 constexpr int kMicroRows = 3;  // rows of the micro-kernel: 3 x 4 accumulators of 16 registers
 
 }  // namespace avx2

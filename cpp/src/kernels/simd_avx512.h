@@ -80,9 +80,16 @@ struct F64x8 {
   friend F64x8 pow2(F64x8 n) { return {_mm512_scalef_pd(_mm512_set1_pd(1.0), n.v)}; }
 };
 
-template <class T> struct Simd;
-template <> struct Simd<float> { using type = F32x16; };
-template <> struct Simd<double> { using type = F64x8; };
+template <class T>
+struct Simd;
+template <>
+struct Simd<float> {
+  using type = F32x16;
+};
+template <>
+struct Simd<double> {
+  using type = F64x8;
+};
 constexpr int kMicroRows = 6;  // rows of the micro-kernel: 6 x 4 accumulators of 32 registers
 
 }  // namespace avx512

@@ -86,9 +86,16 @@ struct F64x2 {
   }
 };
 
-template <class T> struct Simd;
-template <> struct Simd<float> { using type = F32x4; };
-template <> struct Simd<double> { using type = F64x2; };
+template <class T>
+struct Simd;
+template <>
+struct Simd<float> {
+  using type = F32x4;
+};
+template <>
+struct Simd<double> {
+  using type = F64x2;
+};
 constexpr int kMicroRows = 6;  // 6 x 4 accumulators of 32 registers
 
 }  // namespace neon

@@ -52,10 +52,18 @@ struct Lane {
 
  private:
 #if defined(__SSE2__)
-  static float min_of(float a, float b) { return _mm_cvtss_f32(_mm_min_ss(_mm_set_ss(a), _mm_set_ss(b))); }
-  static float max_of(float a, float b) { return _mm_cvtss_f32(_mm_max_ss(_mm_set_ss(a), _mm_set_ss(b))); }
-  static double min_of(double a, double b) { return _mm_cvtsd_f64(_mm_min_sd(_mm_set_sd(a), _mm_set_sd(b))); }
-  static double max_of(double a, double b) { return _mm_cvtsd_f64(_mm_max_sd(_mm_set_sd(a), _mm_set_sd(b))); }
+  static float min_of(float a, float b) {
+    return _mm_cvtss_f32(_mm_min_ss(_mm_set_ss(a), _mm_set_ss(b)));
+  }
+  static float max_of(float a, float b) {
+    return _mm_cvtss_f32(_mm_max_ss(_mm_set_ss(a), _mm_set_ss(b)));
+  }
+  static double min_of(double a, double b) {
+    return _mm_cvtsd_f64(_mm_min_sd(_mm_set_sd(a), _mm_set_sd(b)));
+  }
+  static double max_of(double a, double b) {
+    return _mm_cvtsd_f64(_mm_max_sd(_mm_set_sd(a), _mm_set_sd(b)));
+  }
 #else
   static T min_of(T a, T b) { return a < b ? a : b; }
   static T max_of(T a, T b) { return a > b ? a : b; }
@@ -73,9 +81,16 @@ struct Lane {
   }
 };
 
-template <class T> struct Simd;
-template <> struct Simd<float> { using type = Lane<float, std::uint32_t, 23, 127>; };
-template <> struct Simd<double> { using type = Lane<double, std::uint64_t, 52, 1023>; };
+template <class T>
+struct Simd;
+template <>
+struct Simd<float> {
+  using type = Lane<float, std::uint32_t, 23, 127>;
+};
+template <>
+struct Simd<double> {
+  using type = Lane<double, std::uint64_t, 52, 1023>;
+};
 constexpr int kMicroRows = 4;
 
 }  // namespace scalar
