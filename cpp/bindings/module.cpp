@@ -64,6 +64,21 @@ void require_shape(const py::array& a, const std::vector<py::ssize_t>& expected,
                           ", got " + shape_string(shape_of(a)));
 }
 
+// An optional input converted to a C-contiguous array of T and checked against `shape`.
+template <class T>
+std::optional<CArray<T>> optional_input(const std::optional<py::array>& a,
+                                        const std::vector<py::ssize_t>& shape, const char* name) {
+  if (!a) return std::nullopt;
+  CArray<T> array = as_array<T>(*a, name);
+  require_shape(array, shape, name);
+  return array;
+}
+
+template <class T>
+const T* data_or_null(const std::optional<CArray<T>>& a) {
+  return a ? a->data() : nullptr;
+}
+
 // A parameter-gradient array the caller owns and we add into: exact dtype, C-contiguous, writable.
 template <class T>
 T* accumulator(const std::optional<py::array>& a, const std::vector<py::ssize_t>& shape,
@@ -119,20 +134,13 @@ Layer pack_typed(Cell cell, const py::array& w_ih_in, const py::array& w_hh_in,
     throw py::value_error("weight_ih must have shape (" + std::to_string(gates * hidden) +
                           ", input_size), got " + shape_string(shape_of(w_ih)));
   const long input = static_cast<long>(w_ih.shape(1));
-  std::optional<CArray<T>> b_ih, b_hh;
-  if (b_ih_in) {
-    b_ih = as_array<T>(*b_ih_in, "bias_ih");
-    require_shape(*b_ih, {gates * hidden}, "bias_ih");
-  }
-  if (b_hh_in) {
-    b_hh = as_array<T>(*b_hh_in, "bias_hh");
-    require_shape(*b_hh, {gates * hidden}, "bias_hh");
-  }
+  const auto b_ih = optional_input<T>(b_ih_in, {gates * hidden}, "bias_ih");
+  const auto b_hh = optional_input<T>(b_hh_in, {gates * hidden}, "bias_hh");
   const IsaKernels& isa = active_isa();
   Layer layer;
   py::gil_scoped_release release;
   auto packed = pack_layer<T>(isa, cell, input, hidden, w_ih.data(), w_hh.data(),
-                              b_ih ? b_ih->data() : nullptr, b_hh ? b_hh->data() : nullptr);
+                              data_or_null(b_ih), data_or_null(b_hh));
   if constexpr (std::is_same_v<T, float>)
     layer.f32 = std::move(packed);
   else
@@ -164,16 +172,9 @@ py::tuple forward_typed(const Layer& layer, const py::array& x_in,
   const long steps = static_cast<long>(x.shape(0)), batch = static_cast<long>(x.shape(1));
   if (steps < 1) throw py::value_error("x: sequence length must be > 0, got 0");
   const std::vector<py::ssize_t> state_shape{batch, L.hidden};
-  std::optional<CArray<T>> h0, c0;
-  if (h0_in) {
-    h0 = as_array<T>(*h0_in, "h0");
-    require_shape(*h0, state_shape, "h0");
-  }
-  if (c0_in) {
-    if (!lstm) throw py::value_error("c0 is only for the LSTM");
-    c0 = as_array<T>(*c0_in, "c0");
-    require_shape(*c0, state_shape, "c0");
-  }
+  if (c0_in && !lstm) throw py::value_error("c0 is only for the LSTM");
+  const auto h0 = optional_input<T>(h0_in, state_shape, "h0");
+  const auto c0 = optional_input<T>(c0_in, state_shape, "c0");
   CArray<T> out({steps, batch, L.hidden}), h_n(state_shape);
   std::optional<CArray<T>> c_n;
   if (lstm) c_n.emplace(state_shape);
@@ -181,9 +182,9 @@ py::tuple forward_typed(const Layer& layer, const py::array& x_in,
   if (training) state = std::make_unique<TrainingState<T>>();
   {
     py::gil_scoped_release release;
-    forward<T>(layer.get<T>(), steps, batch, x.data(), h0 ? h0->data() : nullptr,
-               c0 ? c0->data() : nullptr, out.mutable_data(), h_n.mutable_data(),
-               c_n ? c_n->mutable_data() : nullptr, state.get());
+    forward<T>(layer.get<T>(), steps, batch, x.data(), data_or_null(h0), data_or_null(c0),
+               out.mutable_data(), h_n.mutable_data(), c_n ? c_n->mutable_data() : nullptr,
+               state.get());
   }
   py::object saved = py::none();
   if (state) {
@@ -213,20 +214,10 @@ py::tuple backward_typed(
   const bool lstm = L.cell == Cell::lstm;
   const long steps = state.steps, batch = state.batch, gate_rows = L.gates * L.hidden;
   const std::vector<py::ssize_t> state_shape{batch, L.hidden};
-  std::optional<CArray<T>> grad_out, grad_h_n, grad_c_n;
-  if (grad_out_in) {
-    grad_out = as_array<T>(*grad_out_in, "grad_out");
-    require_shape(*grad_out, {steps, batch, L.hidden}, "grad_out");
-  }
-  if (grad_h_n_in) {
-    grad_h_n = as_array<T>(*grad_h_n_in, "grad_h_n");
-    require_shape(*grad_h_n, state_shape, "grad_h_n");
-  }
-  if (grad_c_n_in) {
-    if (!lstm) throw py::value_error("grad_c_n is only for the LSTM");
-    grad_c_n = as_array<T>(*grad_c_n_in, "grad_c_n");
-    require_shape(*grad_c_n, state_shape, "grad_c_n");
-  }
+  if (grad_c_n_in && !lstm) throw py::value_error("grad_c_n is only for the LSTM");
+  const auto grad_out = optional_input<T>(grad_out_in, {steps, batch, L.hidden}, "grad_out");
+  const auto grad_h_n = optional_input<T>(grad_h_n_in, state_shape, "grad_h_n");
+  const auto grad_c_n = optional_input<T>(grad_c_n_in, state_shape, "grad_c_n");
   if (!grad_w_ih || !grad_w_hh)
     throw py::value_error("grad_weight_ih and grad_weight_hh are required");
   ParameterGrads<T> grads{accumulator<T>(grad_w_ih, {gate_rows, L.input}, "grad_weight_ih"),
@@ -239,9 +230,9 @@ py::tuple backward_typed(
   consumed = true;  // backward overwrites the saved gates with their gradients
   {
     py::gil_scoped_release release;
-    backward<T>(state, grad_out ? grad_out->data() : nullptr, grad_h_n ? grad_h_n->data() : nullptr,
-                grad_c_n ? grad_c_n->data() : nullptr, grad_x.mutable_data(),
-                grad_h0.mutable_data(), grad_c0 ? grad_c0->mutable_data() : nullptr, grads);
+    backward<T>(state, data_or_null(grad_out), data_or_null(grad_h_n), data_or_null(grad_c_n),
+                grad_x.mutable_data(), grad_h0.mutable_data(),
+                grad_c0 ? grad_c0->mutable_data() : nullptr, grads);
   }
   return py::make_tuple(grad_x, grad_h0, grad_c0 ? py::object(*grad_c0) : py::none());
 }
