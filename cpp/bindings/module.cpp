@@ -14,6 +14,7 @@
 #include "fastrnn/dispatch.h"
 #include "fastrnn/fp_env.h"
 #include "fastrnn/layer.h"
+#include "fastrnn/thread_pool.h"
 
 namespace py = pybind11;
 using namespace fastrnn;
@@ -292,6 +293,7 @@ PYBIND11_MODULE(_core, m) {
   m.doc() = "fastrnn's compiled core (private: use the fastrnn package)";
   try {
     select_isa_from_environment();
+    ThreadPool::global().set_threads(ThreadPool::default_threads());
   } catch (const std::invalid_argument& e) {
     throw py::import_error(e.what());
   }
@@ -313,6 +315,19 @@ PYBIND11_MODULE(_core, m) {
         }
       },
       py::arg("name"), "Testing hook: use another ISA for layers packed from now on.");
+  m.def(
+      "get_num_threads", [] { return ThreadPool::global().threads(); },
+      "Threads a layer call may use (the calling thread included).");
+  m.def(
+      "set_num_threads",
+      [](int threads) {
+        if (threads < 1)
+          throw py::value_error("set_num_threads: n must be >= 1, got " + std::to_string(threads));
+        py::gil_scoped_release release;  // waits for a running region to finish
+        ThreadPool::global().set_threads(threads);
+      },
+      py::arg("n"),
+      "Set the threads layer calls may use. Default: FASTRNN_NUM_THREADS, or the usable cores.");
   m.def("activation", &activation, py::arg("name"), py::arg("x"),
         "Testing hook: the active ISA's vectorized activation applied to a 1-D array.");
 

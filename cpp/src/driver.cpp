@@ -1,11 +1,20 @@
 // The time loops: one forward and one backward driver for every cell and ISA. The math lives in
-// the kernels (src/kernels/kernel_body.h); this file only orders the calls and owns the buffers.
+// the kernels (src/kernels/kernel_body.h); this file orders the calls, owns the buffers and
+// shares the work between the threads of the pool.
+//
+// Two ways to share a time step (performance.md, technique 6):
+// - hidden split (small batch): each thread owns a contiguous range of hidden-unit panels, so its
+//   slices of W_ih and W_hh stay in its own L2; it also computes x·W_ihᵀ for its own gate columns,
+//   so only h needs a barrier per step;
+// - batch split (large batch): each thread owns a range of batch rows and runs the whole time loop
+//   on them with no barrier; the input projection is shared by rows.
 #include <algorithm>
 #include <cstring>
 #include <vector>
 
 #include "fastrnn/fp_env.h"
 #include "fastrnn/layer.h"
+#include "fastrnn/thread_pool.h"
 #include "panels.h"
 
 namespace fastrnn {
@@ -13,6 +22,12 @@ namespace {
 
 // Inference computes x·W_ihᵀ for a chunk of time steps at a time, bounding the gate buffer.
 constexpr long kInferenceGateElements = 1L << 20;
+// Below this many multiply-adds per time step a barrier costs more than a second thread saves.
+constexpr long kParallelStepWork = 1L << 14;
+// Rows per thread from which the batch split wins (no barrier, the micro-kernel's rows full).
+constexpr long kBatchSplitRows = 32;
+// Below this many multiply-adds a whole-sequence GEMM stays on one thread.
+constexpr long kParallelGemmWork = 1L << 18;
 
 template <class T>
 void copy_rows(T* dst, long dst_stride, const T* src, long src_stride, long rows, long cols) {
@@ -21,16 +36,42 @@ void copy_rows(T* dst, long dst_stride, const T* src, long src_stride, long rows
                 static_cast<std::size_t>(cols) * sizeof(T));
 }
 
-// gates[rows, gate_stride] = bias + x[rows, input] · W_ihᵀ
+// Panels [first, last) of a packed matrix, as a packed matrix of their own.
 template <class T>
-void input_projection(const PackedLayer<T>& p, const T* x, long rows, T* gates) {
-  const Layout& L = p.layout;
-  for (long r = 0; r < rows; ++r)
-    std::memcpy(gates + r * L.gate_stride, p.bias.data(),
-                static_cast<std::size_t>(L.gate_stride) * sizeof(T));
-  GemmArgs<T> g{rows,           L.gate_stride, L.input,       {x, L.input, 1},
-                &p.w_ih_panels, gates,         L.gate_stride, true};
-  p.kernels->gemm(g);
+PackedPanels<T> panel_range(const PackedPanels<T>& b, long first, long last) {
+  const long col0 = first * b.panel_width;
+  return {b.data + col0 * b.rows, b.rows, std::min(b.cols, last * b.panel_width) - col0,
+          b.panel_width};
+}
+
+template <class T>
+long panel_count(const PackedPanels<T>& b) {
+  return (b.cols + b.panel_width - 1) / b.panel_width;
+}
+
+// This thread's part of C[m x n] = bias + A·B: by rows when there are many, else by panels.
+template <class T>
+void gemm_part(const KernelTable<T>& k, const ThreadContext& ctx, long m, long n, long kk,
+               StridedMatrix<T> a, const PackedPanels<T>& b, T* c, long ldc,
+               const T* bias = nullptr) {
+  long begin = 0, end = 0;
+  if (ctx.count == 1 || m >= 8 * ctx.count) {
+    ctx.split(m, 8, begin, end);
+    if (begin == end) return;
+    StridedMatrix<T> rows{a.data + begin * a.row_stride, a.row_stride, a.col_stride};
+    k.gemm({end - begin, n, kk, rows, &b, c + begin * ldc, ldc, false, bias});
+  } else {
+    ctx.split(panel_count(b), 1, begin, end);
+    const long col0 = begin * b.panel_width;
+    if (begin == end || col0 >= n) return;
+    const PackedPanels<T> part = panel_range(b, begin, end);
+    k.gemm({m, std::min(n - col0, part.cols), kk, a, &part, c + col0, ldc, false,
+            bias ? bias + col0 : nullptr});
+  }
+}
+
+int threads_for(long work, long threshold) {
+  return work >= threshold ? ThreadPool::global().threads() : 1;
 }
 
 }  // namespace
@@ -38,9 +79,9 @@ void input_projection(const PackedLayer<T>& p, const T* x, long rows, T* gates) 
 template <class T>
 void forward(const std::shared_ptr<const PackedLayer<T>>& layer, long steps, long batch, const T* x,
              const T* h0, const T* c0, T* out, T* h_n, T* c_n, TrainingState<T>* state) {
-  FlushDenormalsScope flush_denormals;
   const PackedLayer<T>& p = *layer;
   const Layout& L = p.layout;
+  const KernelTable<T>& k = *p.kernels;
   const bool lstm = L.cell == Cell::lstm;
   const long H = L.hidden, Hp = L.hidden_padded;
   const long state_size = batch * Hp, row_elements = batch * L.gate_stride;
@@ -79,30 +120,63 @@ void forward(const std::shared_ptr<const PackedLayer<T>>& layer, long steps, lon
     if (c0) copy_rows(c_all, Hp, c0, H, batch, H);
   }
 
-  StepForwardArgs<T> step{};
-  step.layout = &L;
-  step.batch = batch;
-  step.w_hh = p.w_hh.data();
-  step.h_prev_stride = H;
-  step.h_next_stride = H;
-  step.store_gates = state != nullptr;
-  step.panel_begin = 0;
-  step.panel_end = L.panels;
-  for (long t = 0; t < steps; ++t) {
-    const long chunk_t = state ? t : t % chunk_steps;
-    if (t % chunk_steps == 0) {
-      const long rows = std::min(chunk_steps, steps - t) * batch;
-      input_projection(p, x + t * batch * L.input, rows, gates + (state ? t * row_elements : 0));
+  const int threads = threads_for(batch * L.gate_stride * H, kParallelStepWork);
+  const bool batch_split = batch >= kBatchSplitRows * threads;
+  ThreadPool::global().run(threads, [&](const ThreadContext& ctx) {
+    FlushDenormalsScope flush_denormals;
+    long row0 = 0, row1 = batch, panel0 = 0, panel1 = L.panels;
+    if (batch_split)
+      ctx.split(batch, 1, row0, row1);
+    else
+      ctx.split(L.panels, 1, panel0, panel1);
+    const PackedPanels<T> w_ih = panel_range(p.w_ih_panels, panel0, panel1);
+    const long gate_col0 = panel0 * p.w_ih_panels.panel_width;
+
+    StepForwardArgs<T> step{};
+    step.layout = &L;
+    step.batch = row1 - row0;
+    step.w_hh = p.w_hh.data();
+    step.h_prev_stride = H;
+    step.h_next_stride = H;
+    step.store_gates = state != nullptr;
+    step.panel_begin = panel0;
+    step.panel_end = panel1;
+    for (long t = 0; t < steps; ++t) {
+      const long chunk_t = state ? t : t % chunk_steps;
+      if (t % chunk_steps == 0) {
+        const long rows = std::min(chunk_steps, steps - t) * batch;
+        const T* x_chunk = x + t * batch * L.input;
+        T* gates_chunk = gates + (state ? t * row_elements : 0);
+        if (batch_split) {
+          if (t > 0) ctx.sync();  // every thread is done reading the previous chunk
+          gemm_part(k, ctx, rows, L.gate_stride, L.input, {x_chunk, L.input, 1}, p.w_ih_panels,
+                    gates_chunk, L.gate_stride, p.bias.data());
+          ctx.sync();
+        } else if (w_ih.cols > 0) {
+          // The thread's own gate columns: no other thread reads them.
+          k.gemm({rows,
+                  w_ih.cols,
+                  L.input,
+                  {x_chunk, L.input, 1},
+                  &w_ih,
+                  gates_chunk + gate_col0,
+                  L.gate_stride,
+                  false,
+                  p.bias.data() + gate_col0});
+        }
+      }
+      const long h_offset = row0 * H;
+      step.h_prev = t == 0 ? (h0 ? h0 + h_offset : nullptr) : out + (t - 1) * batch * H + h_offset;
+      step.h_next = out + t * batch * H + h_offset;
+      step.gates = gates + chunk_t * row_elements + row0 * L.gate_stride;
+      if (lstm) {
+        step.c_prev = c_at(t) + row0 * Hp;
+        step.c_next = c_at(t + 1) + row0 * Hp;
+      }
+      if (step.batch > 0 && panel0 < panel1) k.step_forward(step);
+      if (!batch_split) ctx.sync();  // h_t is complete before anyone reads it
     }
-    step.h_prev = t == 0 ? h0 : out + (t - 1) * batch * H;  // h0 == nullptr: zeros
-    step.h_next = out + t * batch * H;
-    step.gates = gates + chunk_t * row_elements;
-    if (lstm) {
-      step.c_prev = c_at(t);
-      step.c_next = c_at(t + 1);
-    }
-    p.kernels->step_forward(step);
-  }
+  });
 
   std::memcpy(h_n, out + (steps - 1) * batch * H, static_cast<std::size_t>(batch * H) * sizeof(T));
   if (lstm && c_n) copy_rows(c_n, H, c_at(steps), Hp, batch, H);
@@ -120,81 +194,92 @@ void forward(const std::shared_ptr<const PackedLayer<T>>& layer, long steps, lon
 template <class T>
 void backward(TrainingState<T>& state, const T* grad_out, const T* grad_h_n, const T* grad_c_n,
               T* grad_x, T* grad_h0, T* grad_c0, const ParameterGrads<T>& grads) {
-  FlushDenormalsScope flush_denormals;
   const PackedLayer<T>& p = *state.layer;
   const Layout& L = p.layout;
   const KernelTable<T>& k = *p.kernels;
   const bool lstm = L.cell == Cell::lstm;
   const long steps = state.steps, batch = state.batch, H = L.hidden, Hp = L.hidden_padded;
   const long I = L.input, G = L.gate_stride, rows = steps * batch;
-  const std::size_t state_size = static_cast<std::size_t>(batch * Hp);
+  const long state_size = batch * Hp;
   if (batch == 0) return;
 
   // The gate buffer turns into dG in place, one step at a time, from the last step back.
   T* dgates = state.gates.data();
-  AlignedBuffer<T> grad_c(state_size);
+  AlignedBuffer<T> grad_c(static_cast<std::size_t>(state_size));
   grad_c.zero();
   if (lstm && grad_c_n) copy_rows(grad_c.data(), Hp, grad_c_n, H, batch, H);
+  // Operands of the weight gradients, packed as GEMM panels, and their packed-row results.
+  const long panel = k.gemm_panel_vectors * L.lanes;
+  AlignedBuffer<T> x_storage, h_storage;
+  const T* x = state.x.data();
+  const T* h = state.h.data();
+  const PackedPanels<T> x_panels =
+      pack_panels(x_storage, rows, I, panel, L.lanes, [&](long r, long j) { return x[r * I + j]; });
+  const PackedPanels<T> h_panels =
+      pack_panels(h_storage, rows, H, panel, L.lanes, [&](long r, long j) { return h[r * H + j]; });
+  AlignedBuffer<T> grad_w_ih(static_cast<std::size_t>(G * I)),
+      grad_w_hh(static_cast<std::size_t>(G * H));
 
-  StepBackwardArgs<T> step{};
-  step.layout = &L;
-  step.batch = batch;
-  step.w_hh_t = &p.w_hh_t_panels;
-  step.grad_out_stride = H;
-  step.grad_c = grad_c.data();
-  step.col_begin = 0;
-  step.col_end = p.w_hh_t_panels.cols;
-  for (long t = steps - 1; t >= 0; --t) {
-    step.grad_gates_next = t + 1 < steps ? dgates + (t + 1) * batch * G : nullptr;
-    step.grad_out = grad_out ? grad_out + t * batch * H : nullptr;
-    step.grad_h_last = t == steps - 1 ? grad_h_n : nullptr;
-    step.gates = dgates + t * batch * G;
-    step.h = state.h.data() + (t + 1) * batch * H;
-    if (lstm) {
-      step.c = state.c.data() + (t + 1) * state_size;
-      step.c_prev = state.c.data() + t * state_size;
+  const int threads = threads_for(batch * G * H, kParallelStepWork);
+  const bool batch_split = batch >= kBatchSplitRows * threads;
+  ThreadPool::global().run(threads, [&](const ThreadContext& ctx) {
+    FlushDenormalsScope flush_denormals;
+    long row0 = 0, row1 = batch, col0 = 0, col1 = p.w_hh_t_panels.cols;
+    if (batch_split) {
+      ctx.split(batch, 1, row0, row1);
+    } else {
+      ctx.split(panel_count(p.w_hh_t_panels), 1, col0, col1);
+      col0 = std::min(col0 * p.w_hh_t_panels.panel_width, p.w_hh_t_panels.cols);
+      col1 = std::min(col1 * p.w_hh_t_panels.panel_width, p.w_hh_t_panels.cols);
     }
-    k.step_backward(step);
-  }
+    StepBackwardArgs<T> step{};
+    step.layout = &L;
+    step.batch = row1 - row0;
+    step.w_hh_t = &p.w_hh_t_panels;
+    step.grad_out_stride = H;
+    step.grad_c = grad_c.data() + row0 * Hp;
+    step.col_begin = col0;
+    step.col_end = col1;
+    for (long t = steps - 1; t >= 0; --t) {
+      const long at = (t * batch + row0);
+      step.grad_gates_next = t + 1 < steps ? dgates + (at + batch) * G : nullptr;
+      step.grad_out = grad_out ? grad_out + at * H : nullptr;
+      step.grad_h_last = t == steps - 1 && grad_h_n ? grad_h_n + row0 * H : nullptr;
+      step.gates = dgates + at * G;
+      step.h = h + (at + batch) * H;
+      if (lstm) {
+        step.c = state.c.data() + (t + 1) * state_size + row0 * Hp;
+        step.c_prev = state.c.data() + t * state_size + row0 * Hp;
+      }
+      if (step.batch > 0 && col0 < col1) k.step_backward(step);
+      if (!batch_split) ctx.sync();  // dG_t is complete before anyone reads it
+    }
+    if (batch_split) ctx.sync();
 
-  // dh0 = dG_0 · W_hh and dc0 from the last step's carry.
-  GemmArgs<T> dh0{batch, H, G, {dgates, G, 1}, &p.w_hh_t_panels, grad_h0, H, false};
-  k.gemm(dh0);
+    // dh0 = dG_0 · W_hh, dX = dG · W_ih, and dG with [x] and [h0 .. h_{T-1}] for the weights.
+    gemm_part(k, ctx, batch, H, G, {dgates, G, 1}, p.w_hh_t_panels, grad_h0, H);
+    gemm_part(k, ctx, rows, I, G, {dgates, G, 1}, p.w_ih_t_panels, grad_x, I);
+    gemm_part(k, ctx, G, I, rows, {dgates, 1, G}, x_panels, grad_w_ih.data(), I);
+    gemm_part(k, ctx, G, H, rows, {dgates, 1, G}, h_panels, grad_w_hh.data(), H);
+    ctx.sync();
+
+    // Scatter-add into torch.nn's layout, each thread its own packed gate columns.
+    long gate0 = 0, gate1 = 0;
+    ctx.split(G, 1, gate0, gate1);
+    std::vector<T> bias_sum(static_cast<std::size_t>(gate1 - gate0), T(0));
+    if (grads.b_ih || grads.b_hh)
+      for (long r = 0; r < rows; ++r)
+        for (long col = gate0; col < gate1; ++col) bias_sum[col - gate0] += dgates[r * G + col];
+    for (long col = gate0; col < gate1; ++col) {
+      const long row = torch_row_of_gate_column(L, col);
+      if (row < 0) continue;
+      for (long j = 0; j < I; ++j) grads.w_ih[row * I + j] += grad_w_ih.data()[col * I + j];
+      for (long j = 0; j < H; ++j) grads.w_hh[row * H + j] += grad_w_hh.data()[col * H + j];
+      if (grads.b_ih) grads.b_ih[row] += bias_sum[col - gate0];
+      if (grads.b_hh) grads.b_hh[row] += bias_sum[col - gate0];
+    }
+  });
   if (lstm && grad_c0) copy_rows(grad_c0, H, grad_c.data(), Hp, batch, H);
-
-  // Whole-sequence products: dX = dG · W_ih, dW_ih = dGᵀ · X, dW_hh = dGᵀ · [h0 .. h_{T-1}].
-  GemmArgs<T> dx{rows, I, G, {dgates, G, 1}, &p.w_ih_t_panels, grad_x, I, false};
-  k.gemm(dx);
-
-  const long lanes = L.lanes, panel = k.gemm_panel_vectors * lanes;
-  AlignedBuffer<T> packed_operand, grad_packed_w(static_cast<std::size_t>(G * std::max(I, H)));
-  auto accumulate_weight_grad = [&](const T* operand, long cols, T* grad_w) {
-    const PackedPanels<T> b = pack_panels(packed_operand, rows, cols, panel, lanes,
-                                          [&](long r, long j) { return operand[r * cols + j]; });
-    GemmArgs<T> g{G, cols, rows, {dgates, 1, G}, &b, grad_packed_w.data(), cols, false};
-    k.gemm(g);
-    for (long col = 0; col < G; ++col) {
-      const long row = torch_row_of_gate_column(L, col);
-      if (row < 0) continue;
-      const T* src = grad_packed_w.data() + col * cols;
-      T* dst = grad_w + row * cols;
-      for (long j = 0; j < cols; ++j) dst[j] += src[j];
-    }
-  };
-  accumulate_weight_grad(state.x.data(), I, grads.w_ih);
-  accumulate_weight_grad(state.h.data(), H, grads.w_hh);
-
-  if (grads.b_ih || grads.b_hh) {
-    std::vector<T> grad_bias(static_cast<std::size_t>(G), T(0));
-    for (long r = 0; r < rows; ++r)
-      for (long col = 0; col < G; ++col) grad_bias[col] += dgates[r * G + col];
-    for (long col = 0; col < G; ++col) {
-      const long row = torch_row_of_gate_column(L, col);
-      if (row < 0) continue;
-      if (grads.b_ih) grads.b_ih[row] += grad_bias[col];
-      if (grads.b_hh) grads.b_hh[row] += grad_bias[col];
-    }
-  }
 }
 
 template void forward(const std::shared_ptr<const PackedLayer<float>>&, long, long, const float*,

@@ -1,13 +1,15 @@
 """fastrnn: fast CPU recurrent layers (RNN, LSTM) for NumPy, with torch.nn's interface.
 
 The kernels are compiled for several instruction sets and the best one this CPU supports is
-chosen at import; ``FASTRNN_ISA=scalar|avx2|avx512|neon`` forces one.
+chosen at import; ``FASTRNN_ISA=scalar|avx2|avx512|neon`` forces one. Layer calls use
+``get_num_threads()`` threads of fastrnn's own pool (``FASTRNN_NUM_THREADS`` or
+``set_num_threads(n)``; by default the cores this process may use).
 """
 
 from __future__ import annotations
 
 from . import functional, reference
-from ._core import __version__, active_isa, available_isas
+from ._core import __version__, active_isa, available_isas, get_num_threads, set_num_threads
 from .layers import LSTM, RNN
 
 __all__ = [
@@ -17,5 +19,7 @@ __all__ = [
     "active_isa",
     "available_isas",
     "functional",
+    "get_num_threads",
     "reference",
+    "set_num_threads",
 ]

@@ -54,7 +54,7 @@ struct StridedMatrix {
   long col_stride;
 };
 
-// C[m x n] = A[m x k] · B[k x n]  (or C += ... when accumulate), B packed into panels.
+// C[m x n] = bias + A[m x k] · B[k x n], or C += A·B when accumulate; B packed into panels.
 template <class T>
 struct GemmArgs {
   long m, n, k;
@@ -63,6 +63,7 @@ struct GemmArgs {
   T* c;
   long ldc;
   bool accumulate;
+  const T* bias;  // n values added to every row (nullptr: none); ignored when accumulate
 };
 
 // One time step forward for panels [panel_begin, panel_end):
@@ -74,8 +75,8 @@ struct StepForwardArgs {
   const T* h_prev;  // [batch, hidden], row stride h_prev_stride; nullptr: zeros
   long h_prev_stride;
   const T* w_hh;  // gate-interleaved panels, hidden rows each
-  T* gates;  // [batch, gate_stride]: in x·W_ihᵀ + biases; out post-activation gates (LSTM, if
-             // store_gates)
+  T* gates;       // [batch, gate_stride]: in x·W_ihᵀ + biases; out post-activation gates (LSTM, if
+                  // store_gates)
   const T* c_prev;  // [batch, hidden_padded] (LSTM)
   T* c_next;        // [batch, hidden_padded] (LSTM)
   T* h_next;        // [batch, hidden], row stride h_next_stride

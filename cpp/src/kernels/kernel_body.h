@@ -204,7 +204,7 @@ void gemm(const GemmArgs<T>& g) {
   if (g.k <= 0) {
     if (!g.accumulate)
       for (long i = 0; i < g.m; ++i)
-        for (long j = 0; j < g.n; ++j) g.c[i * g.ldc + j] = T(0);
+        for (long j = 0; j < g.n; ++j) g.c[i * g.ldc + j] = g.bias ? g.bias[j] : T(0);
     return;
   }
   alignas(64) T a_block[kBlockM * kBlockK];
@@ -240,7 +240,10 @@ void gemm(const GemmArgs<T>& g) {
                 const long n = min_long(W, g.n - col0 - v * W);
                 if (n <= 0) break;
                 V out = acc[r][v];
-                if (accumulate) out = out + load_first<V>(c_row + v * W, n);
+                if (accumulate)
+                  out = out + load_first<V>(c_row + v * W, n);
+                else if (g.bias)
+                  out = out + load_first<V>(g.bias + col0 + v * W, n);
                 store_first(c_row + v * W, out, n);
               }
             }

@@ -1,0 +1,95 @@
+// fastrnn's own persistent thread pool: one parallel region at a time, the calling thread taking
+// part as thread 0, and a spin barrier for the per-time-step synchronisation of the drivers.
+//
+// Waking a parked thread can cost milliseconds on a VM (performance.md), so workers spin for a
+// while after each region before they park, and the barrier spins instead of sleeping.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace fastrnn {
+
+// A reusable barrier for the threads of one parallel region.
+class SpinBarrier {
+ public:
+  explicit SpinBarrier(int threads) : threads_(threads) {}
+  void wait();
+
+ private:
+  const int threads_;
+  std::atomic<int> arrived_{0};
+  std::atomic<std::uint32_t> generation_{0};
+};
+
+// What every thread of a region is told: its index, the thread count, and the region's barrier.
+struct ThreadContext {
+  int index;
+  int count;
+  SpinBarrier* barrier;
+  void sync() const {
+    if (count > 1) barrier->wait();
+  }
+  // This thread's share [begin, end) of n items cut into `count` contiguous parts, in multiples of
+  // `grain` (the last part takes the remainder).
+  void split(long n, long grain, long& begin, long& end) const;
+};
+
+class ThreadPool {
+ public:
+  // The threads a region uses unless told otherwise: FASTRNN_NUM_THREADS, or else the cores this
+  // process may run on (CPU affinity and cgroup quota).
+  static int default_threads();
+  static ThreadPool& global();
+
+  int threads() const { return threads_.load(); }
+  void set_threads(int threads);
+
+  // Runs body(ctx) on min(threads, this->threads()) threads and returns when all are done. The
+  // body must not throw. A call made while the pool is busy (another Python thread, or from
+  // inside a region) runs on the calling thread alone: same results, no deadlock.
+  template <class Body>
+  void run(int threads, Body&& body) {
+    run_job(threads, &invoke<Body>, &body);
+  }
+
+  ~ThreadPool();
+
+ private:
+  using JobFn = void (*)(void*, const ThreadContext&);
+  template <class Body>
+  static void invoke(void* body, const ThreadContext& ctx) {
+    (*static_cast<Body*>(body))(ctx);
+  }
+
+  ThreadPool();
+  void run_job(int threads, JobFn fn, void* body);
+  void start_workers(int workers);
+  void stop_workers();
+  void worker_loop(int index, std::uint64_t seen);
+  void publish_job();
+  static void after_fork_in_child();
+
+  std::mutex region_mutex_;  // one region at a time
+  std::atomic<int> threads_{1};
+  std::vector<std::thread> workers_;
+  // The job being run: published by bumping job_sequence_.
+  JobFn job_fn_ = nullptr;
+  void* job_body_ = nullptr;
+  int job_threads_ = 1;
+  SpinBarrier* job_barrier_ = nullptr;
+  std::atomic<std::uint64_t> job_sequence_{0};
+  std::atomic<int> workers_busy_{0};
+  std::atomic<bool> stopping_{false};
+  // Parking: a worker that has spun long enough sleeps on park_cv_; parked_ counts them so that
+  // publishing a job takes the mutex only when someone sleeps.
+  std::mutex park_mutex_;
+  std::condition_variable park_cv_;
+  std::atomic<int> parked_{0};
+};
+
+}  // namespace fastrnn

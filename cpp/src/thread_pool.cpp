@@ -1,0 +1,211 @@
+#include "fastrnn/thread_pool.h"
+
+#include <pthread.h>
+#include <sched.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdlib>
+#include <fstream>
+#include <new>
+#include <stdexcept>
+#include <string>
+
+#if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
+#include <immintrin.h>
+#define FASTRNN_CPU_RELAX() _mm_pause()
+#elif defined(__aarch64__)
+#define FASTRNN_CPU_RELAX() __asm__ volatile("yield")
+#else
+#define FASTRNN_CPU_RELAX() ((void)0)
+#endif
+
+namespace fastrnn {
+namespace {
+
+// How long an idle worker spins before it parks: long enough to cover the gap between the
+// layer calls of a training step, short enough not to steal a core from other work for long.
+constexpr auto kWorkerSpin = std::chrono::microseconds(2000);
+// Barrier waits spin, then yield: with more threads than free cores a spinning waiter would
+// keep the thread it waits for off the CPU.
+constexpr int kBarrierSpinsBeforeYield = 1 << 14;
+
+thread_local bool inside_region = false;
+
+int cgroup_cpu_limit() {
+  // cgroup v2: "max 100000" or "<quota> <period>"
+  std::ifstream v2("/sys/fs/cgroup/cpu.max");
+  std::string quota;
+  long period = 0;
+  if (v2 >> quota >> period && quota != "max" && period > 0)
+    return static_cast<int>(std::max(1L, (std::stol(quota) + period - 1) / period));
+  // cgroup v1
+  std::ifstream q1("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"),
+      p1("/sys/fs/cgroup/cpu/cpu.cfs_period_us");
+  long q = 0, p = 0;
+  if (q1 >> q && p1 >> p && q > 0 && p > 0) return static_cast<int>(std::max(1L, (q + p - 1) / p));
+  return 0;  // no limit
+}
+
+}  // namespace
+
+void SpinBarrier::wait() {
+  const std::uint32_t generation = generation_.load(std::memory_order_acquire);
+  if (arrived_.fetch_add(1, std::memory_order_acq_rel) == threads_ - 1) {
+    arrived_.store(0, std::memory_order_relaxed);
+    generation_.fetch_add(1, std::memory_order_release);
+    return;
+  }
+  for (int spins = 0; generation_.load(std::memory_order_acquire) == generation; ++spins) {
+    if (spins < kBarrierSpinsBeforeYield)
+      FASTRNN_CPU_RELAX();
+    else
+      std::this_thread::yield();
+  }
+}
+
+void ThreadContext::split(long n, long grain, long& begin, long& end) const {
+  const long units = (n + grain - 1) / grain;
+  const long per = units / count, extra = units % count;
+  const long first = index * per + std::min<long>(index, extra);
+  const long last = first + per + (index < extra ? 1 : 0);
+  begin = std::min(n, first * grain);
+  end = std::min(n, last * grain);
+}
+
+int ThreadPool::default_threads() {
+  if (const char* env = std::getenv("FASTRNN_NUM_THREADS"); env && *env) {
+    char* rest = nullptr;
+    const long n = std::strtol(env, &rest, 10);
+    if (*rest != '\0' || n < 1 || n > 1024)
+      throw std::invalid_argument(
+          "FASTRNN_NUM_THREADS must be a whole number from 1 to 1024, got '" + std::string(env) +
+          "'");
+    return static_cast<int>(n);
+  }
+  int cores = static_cast<int>(std::thread::hardware_concurrency());
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof set, &set) == 0) cores = CPU_COUNT(&set);
+  if (const int limit = cgroup_cpu_limit(); limit > 0) cores = std::min(cores, limit);
+  return std::max(1, cores);
+}
+
+ThreadPool& ThreadPool::global() {
+  // Never destroyed: workers may still be parked when the interpreter exits.
+  static ThreadPool* pool = [] {
+    auto* p = new ThreadPool();
+    pthread_atfork(nullptr, nullptr, &ThreadPool::after_fork_in_child);
+    return p;
+  }();
+  return *pool;
+}
+
+ThreadPool::ThreadPool() = default;
+
+ThreadPool::~ThreadPool() { stop_workers(); }
+
+void ThreadPool::after_fork_in_child() {
+  // The child has only the forking thread: forget the parent's workers (they do not exist here)
+  // and its lock state; workers start again on the next parallel region.
+  ThreadPool& pool = global();
+  new (&pool.workers_) std::vector<std::thread>();  // leak the parent's handles
+  new (&pool.region_mutex_) std::mutex();
+  new (&pool.park_mutex_) std::mutex();
+  new (&pool.park_cv_) std::condition_variable();
+  pool.parked_.store(0);
+  pool.workers_busy_.store(0);
+  pool.stopping_.store(false);
+  inside_region = false;
+}
+
+void ThreadPool::set_threads(int threads) {
+  if (threads < 1) throw std::invalid_argument("the number of threads must be >= 1");
+  std::lock_guard<std::mutex> lock(region_mutex_);
+  threads_.store(threads);
+  if (static_cast<int>(workers_.size()) != threads - 1) stop_workers();  // restarted lazily
+}
+
+void ThreadPool::start_workers(int workers) {
+  stopping_.store(false);
+  // The sequence as it is now: a job published before a new thread first looks is still new to it.
+  const std::uint64_t seen = job_sequence_.load();
+  for (int i = 1; i <= workers; ++i) workers_.emplace_back(&ThreadPool::worker_loop, this, i, seen);
+}
+
+void ThreadPool::stop_workers() {
+  if (workers_.empty()) return;
+  stopping_.store(true);
+  publish_job();
+  for (auto& w : workers_) w.join();
+  workers_.clear();
+  stopping_.store(false);
+}
+
+void ThreadPool::publish_job() {
+  job_sequence_.fetch_add(1);  // sequentially consistent: ordered before the read of parked_
+  if (parked_.load() > 0) {
+    {
+      std::lock_guard<std::mutex> lock(park_mutex_);
+    }  // a parker is checking or waiting
+    park_cv_.notify_all();
+  }
+}
+
+void ThreadPool::worker_loop(int index, std::uint64_t seen) {
+  inside_region = true;  // a worker never starts a nested parallel region
+  while (true) {
+    std::uint64_t sequence = job_sequence_.load(std::memory_order_acquire);
+    const auto spin_until = std::chrono::steady_clock::now() + kWorkerSpin;
+    for (int spins = 0; sequence == seen; ++spins) {
+      FASTRNN_CPU_RELAX();
+      if ((spins & 255) == 255 && std::chrono::steady_clock::now() > spin_until) {
+        // Park. parked_ is raised before the check under the mutex, and publish_job reads it
+        // after bumping the sequence, so either we see the new job or it sees us and notifies.
+        parked_.fetch_add(1);
+        {
+          std::unique_lock<std::mutex> lock(park_mutex_);
+          park_cv_.wait(lock, [&] { return job_sequence_.load() != seen; });
+        }
+        parked_.fetch_sub(1);
+      }
+      sequence = job_sequence_.load(std::memory_order_acquire);
+    }
+    seen = sequence;
+    if (stopping_.load()) return;
+    if (index < job_threads_) job_fn_(job_body_, ThreadContext{index, job_threads_, job_barrier_});
+    workers_busy_.fetch_sub(1, std::memory_order_acq_rel);
+  }
+}
+
+void ThreadPool::run_job(int threads, JobFn fn, void* body) {
+  threads = std::min(threads, threads_.load());
+  std::unique_lock<std::mutex> lock(region_mutex_, std::defer_lock);
+  if (threads <= 1 || inside_region || !lock.try_lock()) {
+    SpinBarrier unused(1);
+    fn(body, ThreadContext{0, 1, &unused});
+    return;
+  }
+  if (static_cast<int>(workers_.size()) != threads_.load() - 1) {
+    stop_workers();
+    start_workers(threads_.load() - 1);
+  }
+  SpinBarrier barrier(threads);
+  job_fn_ = fn;
+  job_body_ = body;
+  job_threads_ = threads;
+  job_barrier_ = &barrier;
+  // Every worker acknowledges every job, so a slow worker can never mistake an old job for new.
+  workers_busy_.store(static_cast<int>(workers_.size()), std::memory_order_relaxed);
+  publish_job();
+  inside_region = true;
+  fn(body, ThreadContext{0, threads, &barrier});
+  inside_region = false;
+  for (int spins = 0; workers_busy_.load(std::memory_order_acquire) != 0; ++spins) {
+    if (spins < kBarrierSpinsBeforeYield)
+      FASTRNN_CPU_RELAX();
+    else
+      std::this_thread::yield();
+  }
+}
+
+}  // namespace fastrnn
