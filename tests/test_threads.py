@@ -1,0 +1,131 @@
+"""fastrnn's thread pool: thread count control, results independent of it, fork safety."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import fastrnn
+from conftest import DTYPE_IDS, DTYPES, assert_close
+
+
+@pytest.fixture
+def restore_threads():
+    previous = fastrnn.get_num_threads()
+    yield
+    fastrnn.set_num_threads(previous)
+
+
+def _train_step(layer, x, grad_out):
+    out, _ = layer(x)
+    layer.backward(grad_out)
+    return out, {k: v.copy() for k, v in layer.grads.items()}
+
+
+# (T, B, I, H): hidden split (small batch) and batch split (large batch), sizes with tails
+SHAPES = [(6, 1, 40, 130), (4, 3, 17, 257), (3, 70, 33, 65), (2, 130, 9, 40)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("kind", ["lstm", "rnn_tanh"])
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"T{t}-B{b}-I{i}-H{h}" for t, b, i, h in SHAPES])
+def test_results_do_not_depend_on_thread_count(isa, kind, dtype, shape, restore_threads):
+    steps, batch, inputs, hidden = shape
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((steps, batch, inputs)).astype(dtype)
+    grad_out = rng.standard_normal((steps, batch, hidden)).astype(dtype)
+    results = []
+    for threads in (1, 2, 3):
+        fastrnn.set_num_threads(threads)
+        assert fastrnn.get_num_threads() == threads
+        if kind == "lstm":
+            layer = fastrnn.LSTM(inputs, hidden, dtype=dtype, seed=1)
+        else:
+            layer = fastrnn.RNN(inputs, hidden, dtype=dtype, seed=1)
+        results.append(_train_step(layer, x, grad_out))
+    for out, grads in results[1:]:
+        assert_close(out, results[0][0], dtype, "fwd", "out")
+        for name, grad in grads.items():
+            assert_close(grad, results[0][1][name], dtype, "grad", name)
+
+
+def test_set_num_threads_rejects_bad_values(restore_threads):
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        fastrnn.set_num_threads(0)
+    with pytest.raises(TypeError):
+        fastrnn.set_num_threads("2")
+
+
+def _python(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_environment_sets_the_default():
+    result = _python("import fastrnn; print(fastrnn.get_num_threads())", FASTRNN_NUM_THREADS="3")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "3"
+
+
+@pytest.mark.parametrize("value", ["0", "two", "-1", "2.5"])
+def test_bad_environment_value_fails_the_import(value):
+    result = _python("import fastrnn", FASTRNN_NUM_THREADS=value)
+    assert result.returncode != 0
+    assert "FASTRNN_NUM_THREADS" in result.stderr
+
+
+def test_default_is_the_usable_cores():
+    env = {k: v for k, v in os.environ.items() if k != "FASTRNN_NUM_THREADS"}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import fastrnn, os; print(fastrnn.get_num_threads(), len(os.sched_getaffinity(0)))",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    threads, cores = map(int, result.stdout.split())
+    assert 1 <= threads <= cores
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_layers_work_in_a_forked_child(restore_threads):
+    fastrnn.set_num_threads(2)
+    layer = fastrnn.LSTM(16, 130, seed=0).eval()
+    x = np.random.default_rng(0).standard_normal((5, 2, 16)).astype(np.float32)
+    expected, _ = layer(x)  # starts the pool's workers in the parent
+    code = """
+import os, sys, numpy as np, fastrnn
+fastrnn.set_num_threads(2)
+layer = fastrnn.LSTM(16, 130, seed=0).eval()
+x = np.random.default_rng(0).standard_normal((5, 2, 16)).astype(np.float32)
+layer(x)
+pid = os.fork()
+if pid == 0:
+    out, _ = layer(x)
+    os._exit(0 if np.allclose(out, np.load(sys.argv[1])) else 3)
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"fastrnn-fork-{os.getpid()}.npy")
+    np.save(path, expected)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", code, path], capture_output=True, text=True, timeout=60
+        )
+    finally:
+        os.remove(path)
+    assert result.returncode == 0, result.stderr
