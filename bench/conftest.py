@@ -1,6 +1,7 @@
 """pytest-benchmark suite: fastrnn against fastrnn.reference and torch.nn, side by side.
 
 Run: python -m pytest bench --benchmark-group-by=group --benchmark-columns=median,iqr,rounds
+(or the stand-alone runner with a table: python -m fastrnn bench)
 Compare medians within a group (one case, one mode); absolute times on a shared VM drift.
 """
 

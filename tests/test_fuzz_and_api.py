@@ -1,9 +1,6 @@
-"""Hypothesis fuzzing against the reference, the functional API, the CLI and memory errors."""
+"""Hypothesis fuzzing against the reference, the functional API and memory errors."""
 
 from __future__ import annotations
-
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -87,15 +84,6 @@ def test_functional_rejects_bad_input():
         fastrnn.functional.lstm(x, None, None, w_ih, np.zeros((3, 1), np.float32))
     with pytest.raises(ValueError, match="nonlinearity"):
         fastrnn.functional.rnn(x, None, w_ih[:1], w_hh[:1], nonlinearity="gelu")
-
-
-def test_cli_info_self_check_passes():
-    result = subprocess.run(
-        [sys.executable, "-m", "fastrnn", "info"], capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert f"active ISA:     {fastrnn.active_isa()}" in result.stdout
-    assert "all checks passed" in result.stdout
 
 
 def test_workspace_too_large_for_memory_is_memory_error():

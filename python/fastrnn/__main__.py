@@ -1,8 +1,10 @@
-"""Command line: ``python -m fastrnn info`` reports the build and checks every ISA."""
+"""Command line: ``python -m fastrnn info`` reports the build and checks every ISA;
+``python -m fastrnn bench`` times fastrnn against the NumPy reference, torch.nn and ONNX Runtime."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -61,7 +63,7 @@ def info() -> int:
     print(f"available ISAs: {', '.join(_core.available_isas())}")
     print(f"compiled ISAs:  {', '.join(_core.compiled_isas())}")
     print(
-        f"cores usable by this process: {_usable_cores()} (the kernels run on the calling thread)"
+        f"threads: {_core.get_num_threads()} (usable cores: {_usable_cores()}; FASTRNN_NUM_THREADS)"
     )
     print("self-check against fastrnn.reference (LSTM and ReLU RNN, forward and all gradients):")
     tolerances = {np.dtype(np.float32): 2e-4, np.dtype(np.float64): 1e-9}
@@ -79,13 +81,75 @@ def info() -> int:
     return 0 if ok else 1
 
 
+def bench(args: argparse.Namespace) -> int:
+    from . import bench as benchmarks
+
+    cases = tuple(
+        c for c in benchmarks.CASES if not args.cases or any(k in c.name for k in args.cases)
+    )
+    modes = tuple(m for m in benchmarks.MODES if args.mode in (None, m))
+    libraries = tuple(args.libraries or benchmarks.LIBRARIES)
+    missing = [lib for lib in libraries if not benchmarks.library_available(lib)]
+    if missing:
+        print(f"not installed, skipped: {', '.join(missing)}", file=sys.stderr)
+    rounds, repeat = (3, 2) if args.quick else (args.rounds, 3)
+
+    def progress(message: str) -> None:
+        print(f"\r{message:<78}", end="", file=sys.stderr, flush=True)
+
+    results = benchmarks.run_benchmarks(
+        cases,
+        modes,
+        libraries,
+        threads=args.threads,
+        rounds=rounds,
+        repeat=repeat,
+        progress=progress,
+    )
+    print("\r" + " " * 78 + "\r", end="", file=sys.stderr)
+    print(benchmarks.format_table(results, args.threads))
+    for r in results:
+        for library, error in r["errors"].items():
+            print(f"{r['case']} {r['mode']}: {library} failed: {error}", file=sys.stderr)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"threads": args.threads, "results": results}, f, indent=1)
+    if args.plot:
+        benchmarks.plot(results, args.plot)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastrnn", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="version, ISAs, and a self-check of every ISA")
+    bench_parser = commands.add_parser(
+        "bench", help="time fastrnn against the NumPy reference, torch.nn and ONNX Runtime"
+    )
+    bench_parser.add_argument(
+        "--threads",
+        type=int,
+        default=_core.get_num_threads(),
+        help="threads for every library (default: fastrnn's default)",
+    )
+    bench_parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    bench_parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
+    bench_parser.add_argument(
+        "--cases", nargs="*", help="only cases whose name contains one of these"
+    )
+    bench_parser.add_argument("--mode", choices=["inference", "training"], help="only this mode")
+    bench_parser.add_argument(
+        "--libraries", nargs="*", choices=["fastrnn", "reference", "torch", "onnxruntime"]
+    )
+    bench_parser.add_argument("--json", metavar="FILE", help="save the results as JSON")
+    bench_parser.add_argument("--plot", metavar="FILE.png", help="draw the speed-ups (matplotlib)")
     args = parser.parse_args(argv)
     if args.command == "info":
         return info()
+    if args.command == "bench":
+        if args.threads < 1:
+            parser.error("--threads must be >= 1")
+        return bench(args)
     return 2
 
 

@@ -18,6 +18,7 @@ namespace fastrnn {
 namespace FASTRNN_ISA_NAMESPACE {
 
 #define FASTRNN_INLINE inline __attribute__((always_inline))
+#define FASTRNN_LAMBDA_INLINE __attribute__((always_inline))
 #define FASTRNN_UNROLL _Pragma("GCC unroll 16")
 
 // ---------------------------------------------------------------------------------------------
@@ -131,12 +132,19 @@ template <class V, int MR, int NV>
 FASTRNN_INLINE void multiply_panel(long k_count, const typename V::value_type* a, long a_row_stride,
                                    long a_col_stride, const typename V::value_type* panel,
                                    V (&acc)[MR][NV]) {
+  // FMAs have a latency of ~4 cycles and two issue ports: 8 independent accumulators keep them
+  // busy. Small blocks (a batch of 1 or 2) get S sets of accumulators over interleaved k.
+  constexpr int S = MR * NV >= 8 ? 1 : MR * NV >= 4 ? 2 : MR * NV >= 2 ? 4 : 8;
+  V sums[S][MR][NV];
   FASTRNN_UNROLL
-  for (int r = 0; r < MR; ++r) {
+  for (int s = 0; s < S; ++s) {
     FASTRNN_UNROLL
-    for (int v = 0; v < NV; ++v) acc[r][v] = V::zero();
+    for (int r = 0; r < MR; ++r) {
+      FASTRNN_UNROLL
+      for (int v = 0; v < NV; ++v) sums[s][r][v] = V::zero();
+    }
   }
-  for (long k = 0; k < k_count; ++k) {
+  auto step = [&](long k, V(&into)[MR][NV]) FASTRNN_LAMBDA_INLINE {
     V b[NV];
     FASTRNN_UNROLL
     for (int v = 0; v < NV; ++v) b[v] = V::load(panel + (k * NV + v) * V::lanes);
@@ -145,7 +153,23 @@ FASTRNN_INLINE void multiply_panel(long k_count, const typename V::value_type* a
     for (int r = 0; r < MR; ++r) {
       const V a_rk = V::set1(a_k[r * a_row_stride]);
       FASTRNN_UNROLL
-      for (int v = 0; v < NV; ++v) acc[r][v] = fma(a_rk, b[v], acc[r][v]);
+      for (int v = 0; v < NV; ++v) into[r][v] = fma(a_rk, b[v], into[r][v]);
+    }
+  };
+  long k = 0;
+  for (; k + S <= k_count; k += S) {
+    FASTRNN_UNROLL
+    for (int s = 0; s < S; ++s) step(k + s, sums[s]);
+  }
+  for (; k < k_count; ++k) step(k, sums[0]);
+  FASTRNN_UNROLL
+  for (int r = 0; r < MR; ++r) {
+    FASTRNN_UNROLL
+    for (int v = 0; v < NV; ++v) {
+      V total = sums[0][r][v];
+      FASTRNN_UNROLL
+      for (int s = 1; s < S; ++s) total = total + sums[s][r][v];
+      acc[r][v] = total;
     }
   }
 }
@@ -321,9 +345,16 @@ struct RnnForwardEpilogue {
 
 template <class V, int NV, class Epilogue>
 void run_step_forward(const StepForwardArgs<typename V::value_type>& s, const Epilogue& epilogue) {
+  using T = typename V::value_type;
   constexpr int MR = kMicroRows;
   const Layout& L = *s.layout;
   const long panel_size = L.hidden * NV * V::lanes;
+  // h_{t-1} was just written, partly by other threads: request all its lines at once so their
+  // transfers overlap instead of stalling the first panel's loop one line at a time.
+  if (s.h_prev)
+    for (long row = 0; row < s.batch; ++row)
+      for (long j = 0; j < L.hidden; j += 64 / static_cast<long>(sizeof(T)))
+        __builtin_prefetch(s.h_prev + row * s.h_prev_stride + j);
   for (long p = s.panel_begin; p < s.panel_end; ++p) {
     const auto* panel = s.w_hh + p * panel_size;
     for (long row0 = 0; row0 < s.batch; row0 += MR) {
@@ -467,6 +498,7 @@ constexpr KernelTable<T> make_table() {
 }
 
 #undef FASTRNN_INLINE
+#undef FASTRNN_LAMBDA_INLINE
 #undef FASTRNN_UNROLL
 
 }  // namespace FASTRNN_ISA_NAMESPACE

@@ -1,0 +1,55 @@
+"""The command line: python -m fastrnn info | bench."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import fastrnn
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "fastrnn", *args], capture_output=True, text=True, timeout=600
+    )
+
+
+def test_info_self_check_passes():
+    result = _run("info")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"active ISA:     {fastrnn.active_isa()}" in result.stdout
+    assert f"threads: {fastrnn.get_num_threads()}" in result.stdout
+    assert "all checks passed" in result.stdout
+
+
+def test_bench_prints_a_table_and_saves_json(tmp_path):
+    path = tmp_path / "bench.json"
+    result = _run(
+        "bench",
+        "--quick",
+        "--cases",
+        "LSTMCell",
+        "--libraries",
+        "fastrnn",
+        "reference",
+        "--threads",
+        "1",
+        "--json",
+        str(path),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "| LSTMCell step B1 H128 | inference |" in result.stdout
+    assert "vs reference" in result.stdout
+    saved = json.loads(path.read_text())
+    assert saved["threads"] == 1
+    assert [r["mode"] for r in saved["results"]] == ["inference", "training"]
+    for row in saved["results"]:
+        assert set(row["seconds"]) == {"fastrnn", "reference"}
+        assert all(seconds > 0 for seconds in row["seconds"].values())
+
+
+def test_bench_rejects_bad_threads():
+    result = _run("bench", "--threads", "0")
+    assert result.returncode != 0
+    assert "--threads" in result.stderr
