@@ -215,14 +215,17 @@ FASTRNN_INLINE void with_vectors(long vectors, Body&& body) {
 // (rows padded with zeros), so the micro-kernel always runs full MR rows.
 
 constexpr long kGemmPanelVectors = 4;
-constexpr long kBlockK = 256;  // a packed A micro-panel (MR x kBlockK) stays in L1
-constexpr long kBlockM = kMicroRows * 8;
 
 template <class T>
 void gemm(const GemmArgs<T>& g) {
   using V = typename Simd<T>::type;
   constexpr int MR = kMicroRows;
   constexpr long W = V::lanes;
+  // A K-block of one full panel takes ~24 KiB, so it stays in L1 while the rows of A pass by;
+  // the packed A block (kBlockM x kBlockK) stays in L2 while the panels pass by.
+  constexpr long kPanelRowBytes = kGemmPanelVectors * W * static_cast<long>(sizeof(T));
+  constexpr long kBlockK = 24576 / kPanelRowBytes < 256 ? 24576 / kPanelRowBytes : 256;
+  constexpr long kBlockM = MR * 24;  // the A block lives on the stack: at most ~200 KiB
   const PackedPanels<T>& b = *g.b_packed;
   if (g.m <= 0 || g.n <= 0) return;
   if (g.k <= 0) {
@@ -238,8 +241,8 @@ void gemm(const GemmArgs<T>& g) {
     const bool accumulate = g.accumulate || k0 > 0;
     for (long m0 = 0; m0 < g.m; m0 += kBlockM) {
       const long mc = min_long(kBlockM, g.m - m0);
-      // Pack A[m0:m0+mc, k0:k0+kc] into micro-panels: element (r, k) at [(r / MR) * kc * MR + k *
-      // MR + r % MR].
+      // Pack A[m0:m0+mc, k0:k0+kc] into micro-panels: element (r, k) at
+      // [(r / MR) * kc * MR + k * MR + r % MR], rows past mc zero.
       for (long r0 = 0; r0 < mc; r0 += MR) {
         T* dst = a_block + r0 * kc;
         for (long k = 0; k < kc; ++k)
@@ -248,15 +251,15 @@ void gemm(const GemmArgs<T>& g) {
                 r0 + r < mc ? g.a.data[(m0 + r0 + r) * g.a.row_stride + (k0 + k) * g.a.col_stride]
                             : T(0);
       }
-      for (long r0 = 0; r0 < mc; r0 += MR) {
-        const long rows = min_long(MR, mc - r0);
-        for (long p = 0; p < panels; ++p) {
-          const long col0 = p * b.panel_width;
-          const long width = min_long(b.panel_width, b.cols - col0);
-          const T* panel = b.data + p * b.rows * b.panel_width + k0 * width;
-          with_vectors(width / W, [&]<int NV>() {
+      for (long p = 0; p < panels; ++p) {
+        const long col0 = p * b.panel_width;
+        const long width = min_long(b.panel_width, b.cols - col0);
+        const T* panel = b.data + p * b.rows * b.panel_width + k0 * width;
+        with_vectors(width / W, [&]<int NV>() {
+          for (long r0 = 0; r0 < mc; r0 += MR) {
             V acc[MR][NV];
             multiply_panel<V, MR, NV>(kc, a_block + r0 * kc, 1, MR, panel, acc);
+            const long rows = min_long(MR, mc - r0);
             for (long r = 0; r < rows; ++r) {
               T* c_row = g.c + (m0 + r0 + r) * g.ldc + col0;
               FASTRNN_UNROLL
@@ -271,8 +274,8 @@ void gemm(const GemmArgs<T>& g) {
                 store_first(c_row + v * W, out, n);
               }
             }
-          });
-        }
+          }
+        });
       }
     }
   }
