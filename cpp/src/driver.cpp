@@ -22,12 +22,12 @@ namespace {
 
 // Inference computes x·W_ihᵀ for a chunk of time steps at a time, bounding the gate buffer.
 constexpr long kInferenceGateElements = 1L << 20;
-// Below this many multiply-adds per time step a barrier costs more than a second thread saves.
+// Below this many multiply-adds per time step a barrier costs more than a second thread saves,
+// and below kParallelCallWork in all, so does starting a parallel region (~1 us).
 constexpr long kParallelStepWork = 1L << 14;
+constexpr long kParallelCallWork = 1L << 18;
 // Rows per thread from which the batch split wins (no barrier, the micro-kernel's rows full).
 constexpr long kBatchSplitRows = 32;
-// Below this many multiply-adds a whole-sequence GEMM stays on one thread.
-constexpr long kParallelGemmWork = 1L << 18;
 
 template <class T>
 void copy_rows(T* dst, long dst_stride, const T* src, long src_stride, long rows, long cols) {
@@ -70,8 +70,10 @@ void gemm_part(const KernelTable<T>& k, const ThreadContext& ctx, long m, long n
   }
 }
 
-int threads_for(long work, long threshold) {
-  return work >= threshold ? ThreadPool::global().threads() : 1;
+// Threads for a time loop of `steps` steps of `step_work` multiply-adds each.
+int threads_for(long steps, long step_work) {
+  const bool worth_it = step_work >= kParallelStepWork && steps * step_work >= kParallelCallWork;
+  return worth_it ? ThreadPool::global().threads() : 1;
 }
 
 }  // namespace
@@ -120,7 +122,7 @@ void forward(const std::shared_ptr<const PackedLayer<T>>& layer, long steps, lon
     if (c0) copy_rows(c_all, Hp, c0, H, batch, H);
   }
 
-  const int threads = threads_for(batch * L.gate_stride * H, kParallelStepWork);
+  const int threads = threads_for(steps, batch * L.gate_stride * (H + L.input));
   const bool batch_split = batch >= kBatchSplitRows * threads;
   ThreadPool::global().run(threads, [&](const ThreadContext& ctx) {
     FlushDenormalsScope flush_denormals;
@@ -220,7 +222,7 @@ void backward(TrainingState<T>& state, const T* grad_out, const T* grad_h_n, con
   AlignedBuffer<T> grad_w_ih(static_cast<std::size_t>(G * I)),
       grad_w_hh(static_cast<std::size_t>(G * H));
 
-  const int threads = threads_for(batch * G * H, kParallelStepWork);
+  const int threads = threads_for(steps, batch * G * (H + I));
   const bool batch_split = batch >= kBatchSplitRows * threads;
   ThreadPool::global().run(threads, [&](const ThreadContext& ctx) {
     FlushDenormalsScope flush_denormals;

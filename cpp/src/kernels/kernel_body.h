@@ -257,23 +257,25 @@ void gemm(const GemmArgs<T>& g) {
         const T* panel = b.data + p * b.rows * b.panel_width + k0 * width;
         with_vectors(width / W, [&]<int NV>() {
           for (long r0 = 0; r0 < mc; r0 += MR) {
-            V acc[MR][NV];
-            multiply_panel<V, MR, NV>(kc, a_block + r0 * kc, 1, MR, panel, acc);
-            const long rows = min_long(MR, mc - r0);
-            for (long r = 0; r < rows; ++r) {
-              T* c_row = g.c + (m0 + r0 + r) * g.ldc + col0;
-              FASTRNN_UNROLL
-              for (int v = 0; v < NV; ++v) {
-                const long n = min_long(W, g.n - col0 - v * W);
-                if (n <= 0) break;
-                V out = acc[r][v];
-                if (accumulate)
-                  out = out + load_first<V>(c_row + v * W, n);
-                else if (g.bias)
-                  out = out + load_first<V>(g.bias + col0 + v * W, n);
-                store_first(c_row + v * W, out, n);
+            // The last block runs only its real rows (a single row is common: batch 1).
+            with_rows<MR>(min_long(MR, mc - r0), [&]<int R>() {
+              V acc[R][NV];
+              multiply_panel<V, R, NV>(kc, a_block + r0 * kc, 1, MR, panel, acc);
+              for (long r = 0; r < R; ++r) {
+                T* c_row = g.c + (m0 + r0 + r) * g.ldc + col0;
+                FASTRNN_UNROLL
+                for (int v = 0; v < NV; ++v) {
+                  const long n = min_long(W, g.n - col0 - v * W);
+                  if (n <= 0) break;
+                  V out = acc[r][v];
+                  if (accumulate)
+                    out = out + load_first<V>(c_row + v * W, n);
+                  else if (g.bias)
+                    out = out + load_first<V>(g.bias + col0 + v * W, n);
+                  store_first(c_row + v * W, out, n);
+                }
               }
-            }
+            });
           }
         });
       }
