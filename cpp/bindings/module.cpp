@@ -5,6 +5,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstdint>
+#include <cstring>
 #include <memory>
 #include <optional>
 #include <stdexcept>
@@ -24,7 +26,8 @@ namespace {
 template <class T>
 using CArray = py::array_t<T, py::array::c_style | py::array::forcecast>;
 
-// A C-contiguous array of T (a copy when needed); TypeError when the input cannot convert.
+// A C-contiguous, aligned array of T (a copy when needed); TypeError when the input cannot
+// convert. NumPy allows misaligned arrays (e.g. views into byte buffers): they are copied too.
 template <class T>
 CArray<T> as_array(const py::array& a, const char* name) {
   CArray<T> out = CArray<T>::ensure(a);
@@ -32,6 +35,11 @@ CArray<T> as_array(const py::array& a, const char* name) {
     throw py::type_error(std::string(name) + " must be convertible to " +
                          std::string(py::str(py::dtype::of<T>())) + ", got " +
                          std::string(py::str(a.dtype())));
+  if (reinterpret_cast<std::uintptr_t>(out.data()) % alignof(T) != 0) {
+    CArray<T> aligned(std::vector<py::ssize_t>(out.shape(), out.shape() + out.ndim()));
+    std::memcpy(aligned.mutable_data(), out.data(), static_cast<std::size_t>(out.nbytes()));
+    return aligned;
+  }
   return out;
 }
 
@@ -85,9 +93,11 @@ template <class T>
 T* accumulator(const std::optional<py::array>& a, const std::vector<py::ssize_t>& shape,
                const char* name) {
   if (!a) return nullptr;
-  if (!py::isinstance<py::array_t<T>>(*a) || !(a->flags() & py::array::c_style) || !a->writeable())
+  const bool aligned = reinterpret_cast<std::uintptr_t>(a->data()) % alignof(T) == 0;
+  if (!py::isinstance<py::array_t<T>>(*a) || !(a->flags() & py::array::c_style) ||
+      !a->writeable() || !aligned)
     throw py::value_error(std::string(name) +
-                          " must be a writable C-contiguous array of the layer's dtype");
+                          " must be a writable, aligned, C-contiguous array of the layer's dtype");
   require_shape(*a, shape, name);
   py::array target = *a;  // a new handle to the same array
   return static_cast<T*>(target.mutable_data());
