@@ -60,6 +60,15 @@ def _shape(shape: tuple[int, ...]) -> str:
     return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
 
 
+def _state_pair(value: Any, name: str, form: str) -> tuple[Any, Any]:
+    """The LSTM's (h, c) pair; None means (None, None)."""
+    if value is None:
+        return None, None
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        return value[0], value[1]
+    raise TypeError(f"{name} must be a tuple {form} or None for the LSTM")
+
+
 class _RNNBase:
     """What LSTM and RNN share: parameters, state_dict, modes, input checks and the core calls."""
 
@@ -384,12 +393,7 @@ class LSTM(_RNNBase):
     def forward(
         self, x: Any, hx: tuple[Any, Any] | None = None
     ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
-        if hx is None:
-            h0 = c0 = None
-        elif isinstance(hx, (tuple, list)) and len(hx) == 2:
-            h0, c0 = hx
-        else:
-            raise TypeError("hx must be a tuple (h0, c0) or None for the LSTM")
+        h0, c0 = _state_pair(hx, "hx", "(h0, c0)")
         out, h_n, c_n = self._run_forward(x, h0, c0)
         assert c_n is not None
         return out, (h_n, c_n)
@@ -402,12 +406,7 @@ class LSTM(_RNNBase):
         ``grad_out`` is dL/d(out) (None: zeros), ``grad_state`` is (dL/dh_n, dL/dc_n) (either may
         be None). Returns ``(dx, (dh0, dc0))`` and adds the parameter gradients into ``grads``.
         """
-        if grad_state is None:
-            grad_h = grad_c = None
-        elif isinstance(grad_state, (tuple, list)) and len(grad_state) == 2:
-            grad_h, grad_c = grad_state
-        else:
-            raise TypeError("grad_state must be a tuple (grad_h_n, grad_c_n) or None for the LSTM")
+        grad_h, grad_c = _state_pair(grad_state, "grad_state", "(grad_h_n, grad_c_n)")
         dx, dh0, dc0 = self._run_backward(grad_out, grad_h, grad_c)
         assert dc0 is not None
         return dx, (dh0, dc0)
