@@ -49,24 +49,36 @@ long panel_count(const PackedPanels<T>& b) {
   return (b.cols + b.panel_width - 1) / b.panel_width;
 }
 
-// This thread's part of C[m x n] = bias + A·B: by rows when there are many, else by panels.
+// Where a GEMM writes: C = bias + A·B, or C += A·B with `accumulate`; with c_row_of, row i of
+// the product goes to C row c_row_of[i] (< 0: dropped).
+template <class T>
+struct GemmOutput {
+  T* c;
+  long ldc;
+  const T* bias = nullptr;
+  bool accumulate = false;
+  const long* c_row_of = nullptr;
+};
+
+// This thread's part of a GEMM: by rows when there are many, else by panels.
 template <class T>
 void gemm_part(const KernelTable<T>& k, const ThreadContext& ctx, long m, long n, long kk,
-               StridedMatrix<T> a, const PackedPanels<T>& b, T* c, long ldc,
-               const T* bias = nullptr) {
+               StridedMatrix<T> a, const PackedPanels<T>& b, const GemmOutput<T>& out) {
   long begin = 0, end = 0;
   if (ctx.count == 1 || m >= 8 * ctx.count) {
     ctx.split(m, 8, begin, end);
     if (begin == end) return;
     StridedMatrix<T> rows{a.data + begin * a.row_stride, a.row_stride, a.col_stride};
-    k.gemm({end - begin, n, kk, rows, &b, c + begin * ldc, ldc, false, bias});
+    T* c = out.c_row_of ? out.c : out.c + begin * out.ldc;
+    const long* c_row_of = out.c_row_of ? out.c_row_of + begin : nullptr;
+    k.gemm({end - begin, n, kk, rows, &b, c, out.ldc, out.accumulate, out.bias, c_row_of});
   } else {
     ctx.split(panel_count(b), 1, begin, end);
     const long col0 = begin * b.panel_width;
     if (begin == end || col0 >= n) return;
     const PackedPanels<T> part = panel_range(b, begin, end);
-    k.gemm({m, std::min(n - col0, part.cols), kk, a, &part, c + col0, ldc, false,
-            bias ? bias + col0 : nullptr});
+    k.gemm({m, std::min(n - col0, part.cols), kk, a, &part, out.c + col0, out.ldc, out.accumulate,
+            out.bias ? out.bias + col0 : nullptr, out.c_row_of});
   }
 }
 
@@ -152,7 +164,7 @@ void forward(const std::shared_ptr<const PackedLayer<T>>& layer, long steps, lon
         if (batch_split) {
           if (t > 0) ctx.sync();  // every thread is done reading the previous chunk
           gemm_part(k, ctx, rows, L.gate_stride, L.input, {x_chunk, L.input, 1}, p.w_ih_panels,
-                    gates_chunk, L.gate_stride, p.bias.data());
+                    GemmOutput<T>{gates_chunk, L.gate_stride, p.bias.data()});
           ctx.sync();
         } else if (w_ih.cols > 0) {
           // The thread's own gate columns: no other thread reads them.
@@ -164,7 +176,8 @@ void forward(const std::shared_ptr<const PackedLayer<T>>& layer, long steps, lon
                   gates_chunk + gate_col0,
                   L.gate_stride,
                   false,
-                  p.bias.data() + gate_col0});
+                  p.bias.data() + gate_col0,
+                  nullptr});
         }
       }
       const long h_offset = row0 * H;
@@ -210,7 +223,7 @@ void backward(TrainingState<T>& state, const T* grad_out, const T* grad_h_n, con
   AlignedBuffer<T> grad_c(static_cast<std::size_t>(state_size));
   grad_c.zero();
   if (lstm && grad_c_n) copy_rows(grad_c.data(), Hp, grad_c_n, H, batch, H);
-  // Operands of the weight gradients, packed as GEMM panels, and their packed-row results.
+  // Operands of the weight gradients, packed as GEMM panels.
   const long panel = k.gemm_panel_vectors * L.lanes;
   AlignedBuffer<T> x_storage, h_storage;
   const T* x = state.x.data();
@@ -219,8 +232,6 @@ void backward(TrainingState<T>& state, const T* grad_out, const T* grad_h_n, con
       pack_panels(x_storage, rows, I, panel, L.lanes, [&](long r, long j) { return x[r * I + j]; });
   const PackedPanels<T> h_panels =
       pack_panels(h_storage, rows, H, panel, L.lanes, [&](long r, long j) { return h[r * H + j]; });
-  AlignedBuffer<T> grad_w_ih(static_cast<std::size_t>(G * I)),
-      grad_w_hh(static_cast<std::size_t>(G * H));
 
   const int threads = threads_for(steps, batch * G * (H + I));
   const bool batch_split = batch >= kBatchSplitRows * threads;
@@ -258,27 +269,28 @@ void backward(TrainingState<T>& state, const T* grad_out, const T* grad_h_n, con
     }
     if (batch_split) ctx.sync();
 
-    // dh0 = dG_0 · W_hh, dX = dG · W_ih, and dG with [x] and [h0 .. h_{T-1}] for the weights.
-    gemm_part(k, ctx, batch, H, G, {dgates, G, 1}, p.w_hh_t_panels, grad_h0, H);
-    gemm_part(k, ctx, rows, I, G, {dgates, G, 1}, p.w_ih_t_panels, grad_x, I);
-    gemm_part(k, ctx, G, I, rows, {dgates, 1, G}, x_panels, grad_w_ih.data(), I);
-    gemm_part(k, ctx, G, H, rows, {dgates, 1, G}, h_panels, grad_w_hh.data(), H);
-    ctx.sync();
+    // dh0 = dG_0 · W_hh and dX = dG · W_ih. The weight gradients dGᵀ·[x] and
+    // dGᵀ·[h0 .. h_{T-1}] are added straight into torch.nn's rows (the packed gate columns are
+    // in panel order: torch_row maps them back, padding dropped).
+    gemm_part(k, ctx, batch, H, G, {dgates, G, 1}, p.w_hh_t_panels, GemmOutput<T>{grad_h0, H});
+    gemm_part(k, ctx, rows, I, G, {dgates, G, 1}, p.w_ih_t_panels, GemmOutput<T>{grad_x, I});
+    const long* torch_row = p.torch_row.data();
+    gemm_part(k, ctx, G, I, rows, {dgates, 1, G}, x_panels,
+              GemmOutput<T>{grads.w_ih, I, nullptr, true, torch_row});
+    gemm_part(k, ctx, G, H, rows, {dgates, 1, G}, h_panels,
+              GemmOutput<T>{grads.w_hh, H, nullptr, true, torch_row});
 
-    // Scatter-add into torch.nn's layout, each thread its own packed gate columns.
-    long gate0 = 0, gate1 = 0;
-    ctx.split(G, 1, gate0, gate1);
-    std::vector<T> bias_sum(static_cast<std::size_t>(gate1 - gate0), T(0));
-    if (grads.b_ih || grads.b_hh)
+    if (grads.b_ih || grads.b_hh) {  // column sums of dG, each thread its own gate columns
+      long gate0 = 0, gate1 = 0;
+      ctx.split(G, 1, gate0, gate1);
+      std::vector<T> bias_sum(static_cast<std::size_t>(gate1 - gate0), T(0));
       for (long r = 0; r < rows; ++r)
         for (long col = gate0; col < gate1; ++col) bias_sum[col - gate0] += dgates[r * G + col];
-    for (long col = gate0; col < gate1; ++col) {
-      const long row = torch_row_of_gate_column(L, col);
-      if (row < 0) continue;
-      for (long j = 0; j < I; ++j) grads.w_ih[row * I + j] += grad_w_ih.data()[col * I + j];
-      for (long j = 0; j < H; ++j) grads.w_hh[row * H + j] += grad_w_hh.data()[col * H + j];
-      if (grads.b_ih) grads.b_ih[row] += bias_sum[col - gate0];
-      if (grads.b_hh) grads.b_hh[row] += bias_sum[col - gate0];
+      for (long col = gate0; col < gate1; ++col) {
+        if (torch_row[col] < 0) continue;
+        if (grads.b_ih) grads.b_ih[torch_row[col]] += bias_sum[col - gate0];
+        if (grads.b_hh) grads.b_hh[torch_row[col]] += bias_sum[col - gate0];
+      }
     }
   });
   if (lstm && grad_c0) copy_rows(grad_c0, H, grad_c.data(), Hp, batch, H);

@@ -76,8 +76,10 @@ std::shared_ptr<const PackedLayer<T>> pack_layer(const IsaKernels& isa, Cell cel
                                   return row < 0 || n >= hidden ? T(0) : w_hh[row * hidden + n];
                                 });
   p.bias.reset(static_cast<std::size_t>(L.gate_stride));
+  p.torch_row.reset(static_cast<std::size_t>(L.gate_stride));
   for (long col = 0; col < L.gate_stride; ++col) {
     const long row = torch_row_of_gate_column(L, col);
+    p.torch_row.data()[col] = row;
     T b = T(0);
     if (row >= 0 && b_ih) b += b_ih[row];
     if (row >= 0 && b_hh) b += b_hh[row];

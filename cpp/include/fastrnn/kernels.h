@@ -63,7 +63,9 @@ struct GemmArgs {
   T* c;
   long ldc;
   bool accumulate;
-  const T* bias;  // n values added to every row (nullptr: none); ignored when accumulate
+  const T* bias;         // n values added to every row (nullptr: none); ignored when accumulate
+  const long* c_row_of;  // row i of the product goes to C row c_row_of[i] (< 0: dropped);
+                         // nullptr: row i
 };
 
 // One time step forward for panels [panel_begin, panel_end):

@@ -18,6 +18,7 @@ struct PackedLayer {
   AlignedBuffer<T> w_ih, w_hh;      // gate-interleaved panels (forward): K = input / hidden
   AlignedBuffer<T> w_ih_t, w_hh_t;  // panels of W_ih and W_hh for dX = dG·W_ih and dh = dG·W_hh
   AlignedBuffer<T> bias;            // b_ih + b_hh in panel column order, gate_stride long
+  AlignedBuffer<long> torch_row;    // torch.nn's weight row of each panel column, -1 for padding
   PackedPanels<T> w_ih_panels, w_hh_panels, w_ih_t_panels, w_hh_t_panels;
 };
 

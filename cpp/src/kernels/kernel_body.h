@@ -230,8 +230,11 @@ void gemm(const GemmArgs<T>& g) {
   if (g.m <= 0 || g.n <= 0) return;
   if (g.k <= 0) {
     if (!g.accumulate)
-      for (long i = 0; i < g.m; ++i)
-        for (long j = 0; j < g.n; ++j) g.c[i * g.ldc + j] = g.bias ? g.bias[j] : T(0);
+      for (long i = 0; i < g.m; ++i) {
+        const long c_index = g.c_row_of ? g.c_row_of[i] : i;
+        if (c_index < 0) continue;
+        for (long j = 0; j < g.n; ++j) g.c[c_index * g.ldc + j] = g.bias ? g.bias[j] : T(0);
+      }
     return;
   }
   alignas(64) T a_block[kBlockM * kBlockK];
@@ -262,7 +265,9 @@ void gemm(const GemmArgs<T>& g) {
               V acc[R][NV];
               multiply_panel<V, R, NV>(kc, a_block + r0 * kc, 1, MR, panel, acc);
               for (long r = 0; r < R; ++r) {
-                T* c_row = g.c + (m0 + r0 + r) * g.ldc + col0;
+                const long c_index = g.c_row_of ? g.c_row_of[m0 + r0 + r] : m0 + r0 + r;
+                if (c_index < 0) continue;
+                T* c_row = g.c + c_index * g.ldc + col0;
                 FASTRNN_UNROLL
                 for (int v = 0; v < NV; ++v) {
                   const long n = min_long(W, g.n - col0 - v * W);
