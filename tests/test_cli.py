@@ -53,3 +53,29 @@ def test_bench_rejects_bad_threads():
     result = _run("bench", "--threads", "0")
     assert result.returncode != 0
     assert "--threads" in result.stderr
+
+
+def test_table_reports_the_share_of_sgemm():
+    from fastrnn import bench
+
+    results = [
+        {
+            "case": bench.SGEMM.name,
+            "mode": "inference",
+            "flops": 2e9,
+            "sgemm": True,
+            "seconds": {"torch": 0.01},
+            "errors": {},
+        },
+        {
+            "case": "LSTM T1 B1 H8",
+            "mode": "inference",
+            "flops": 1e9,
+            "seconds": {"fastrnn": 0.01, "torch": 0.02},
+            "errors": {},
+        },
+    ]
+    table = bench.format_table(results, threads=2)
+    assert "SGEMM in this run: 200.0 GFLOP/s" in table
+    assert "| LSTM T1 B1 H8 | inference | 10.000 ms | 100.0 (50%) | 20.000 ms | 2.00x |" in table
+    assert "SGEMM 2048^3" not in table.split("\n", 2)[2]  # the limit is a note, not a row

@@ -26,13 +26,15 @@ MODES = ("inference", "training")
 class Case:
     """One benchmark shape: float32, input_size = hidden_size (DeepBench's convention)."""
 
-    cell: str  # "lstm", "rnn_relu", "rnn_tanh", or "lstm_cell" (one step of a cell)
+    cell: str  # "lstm", "rnn_relu", "rnn_tanh", "lstm_cell" (one step), or "sgemm" (the limit)
     steps: int
     batch: int
     hidden: int
 
     @property
     def name(self) -> str:
+        if self.cell == "sgemm":
+            return f"SGEMM {self.hidden}^3 (torch.mm)"
         if self.cell == "lstm_cell":
             return f"LSTMCell step B{self.batch} H{self.hidden}"
         label = {"lstm": "LSTM", "rnn_relu": "ReLU RNN", "rnn_tanh": "tanh RNN"}[self.cell]
@@ -40,6 +42,8 @@ class Case:
 
     def flops(self, mode: str) -> float:
         """Multiply-adds x 2 of the layer; training counts forward + backward as 3x forward."""
+        if self.cell == "sgemm":
+            return 2.0 * self.hidden**3
         gates = {"lstm": 4, "lstm_cell": 4, "rnn_relu": 1, "rnn_tanh": 1}[self.cell]
         forward = 2.0 * gates * self.steps * self.batch * self.hidden * 2 * self.hidden
         return forward * (3 if mode == "training" else 1)
@@ -56,9 +60,13 @@ CASES = (
     Case("rnn_relu", 672, 1, 32),
     Case("lstm_cell", 1, 1, 128),
 )
+# The hardware limit measured in the same run: torch's SGEMM (MKL / oneDNN) at the same threads.
+SGEMM = Case("sgemm", 1, 1, 2048)
 
 
 def supported(library: str, case: Case, mode: str) -> bool:
+    if case.cell == "sgemm":
+        return library == "torch" and mode == "inference"
     if library == "onnxruntime":  # inference only, and its LSTM operator has no ReLU RNN twin here
         return mode == "inference" and case.cell == "lstm"
     if library == "reference":  # only where it finishes in a second or so
@@ -123,6 +131,9 @@ def torch_runner(case: Case, mode: str, threads: int) -> Callable[[], Any]:
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
+    if case.cell == "sgemm":
+        a, b = torch.randn(case.hidden, case.hidden), torch.randn(case.hidden, case.hidden)
+        return lambda: torch.mm(a, b)
     x_np, grad_np = _inputs(case, np.random.default_rng(0))
     h = case.hidden
     if case.cell == "lstm_cell":
@@ -304,6 +315,8 @@ def run_benchmarks(
     results = []
     try:
         jobs = [(c, m) for c in cases for m in modes]
+        if "torch" in workers:
+            jobs.insert(0, (SGEMM, "inference"))
         for index, (case, mode) in enumerate(jobs):
             samples: dict[str, list[float]] = {}
             errors: dict[str, str] = {}
@@ -323,6 +336,8 @@ def run_benchmarks(
                     else:
                         samples.setdefault(lib, []).extend(answer["samples"])
             row: dict[str, Any] = {"case": case.name, "mode": mode, "flops": case.flops(mode)}
+            if case.cell == "sgemm":
+                row["sgemm"] = True
             row["seconds"] = {lib: float(np.median(s)) for lib, s in samples.items()}
             row["errors"] = errors
             results.append(row)
@@ -334,6 +349,9 @@ def run_benchmarks(
 
 def format_table(results: list[dict[str, Any]], threads: int) -> str:
     """A Markdown table: median times, fastrnn's GFLOP/s and its speed-up over each peer."""
+    sgemm = [r for r in results if r.get("sgemm") and "torch" in r["seconds"]]
+    sgemm_gflops = sgemm[0]["flops"] / sgemm[0]["seconds"]["torch"] / 1e9 if sgemm else None
+    results = [r for r in results if not r.get("sgemm")]
     peers = [lib for lib in LIBRARIES[1:] if any(lib in r["seconds"] for r in results)]
     head = ["case", "mode", "fastrnn", "GFLOP/s", *peers, *(f"vs {p}" for p in peers)]
     lines = [
@@ -347,10 +365,18 @@ def format_table(results: list[dict[str, Any]], threads: int) -> str:
             return "-"
         return f"{seconds * 1e3:.3f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
+    if sgemm_gflops:
+        lines.insert(
+            1,
+            f"SGEMM in this run: {sgemm_gflops:.1f} GFLOP/s (torch.mm 2048^3); GFLOP/s column: "
+            "fastrnn's, with its % of SGEMM",
+        )
     for r in results:
         s = r["seconds"]
         mine = s.get("fastrnn")
         gflops = f"{r['flops'] / mine / 1e9:.1f}" if mine else "-"
+        if mine and sgemm_gflops:
+            gflops += f" ({100 * r['flops'] / mine / 1e9 / sgemm_gflops:.0f}%)"
         ratios = [f"{s[p] / mine:.2f}x" if mine and p in s else "-" for p in peers]
         cells = [r["case"], r["mode"], fmt(mine), gflops, *(fmt(s.get(p)) for p in peers), *ratios]
         lines.append("| " + " | ".join(cells) + " |")
@@ -364,6 +390,7 @@ def plot(results: list[dict[str, Any]], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    results = [r for r in results if not r.get("sgemm")]
     peers = [lib for lib in LIBRARIES[1:] if any(lib in r["seconds"] for r in results)]
     labels = [f"{r['case']}\n{r['mode']}" for r in results]
     fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(results)), 5))
