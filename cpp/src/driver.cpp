@@ -10,7 +10,6 @@
 //   on them with no barrier; the input projection is shared by rows.
 #include <algorithm>
 #include <cstring>
-#include <vector>
 
 #include "fastrnn/fp_env.h"
 #include "fastrnn/layer.h"
@@ -233,6 +232,9 @@ void backward(TrainingState<T>& state, const T* grad_out, const T* grad_h_n, con
   const PackedPanels<T> h_panels =
       pack_panels(h_storage, rows, H, panel, L.lanes, [&](long r, long j) { return h[r * H + j]; });
 
+  // Allocated here: nothing may throw inside the parallel region.
+  AlignedBuffer<T> bias_sum(static_cast<std::size_t>(G));
+
   const int threads = threads_for(steps, batch * G * (H + I));
   const bool batch_split = batch >= kBatchSplitRows * threads;
   ThreadPool::global().run(threads, [&](const ThreadContext& ctx) {
@@ -283,13 +285,14 @@ void backward(TrainingState<T>& state, const T* grad_out, const T* grad_h_n, con
     if (grads.b_ih || grads.b_hh) {  // column sums of dG, each thread its own gate columns
       long gate0 = 0, gate1 = 0;
       ctx.split(G, 1, gate0, gate1);
-      std::vector<T> bias_sum(static_cast<std::size_t>(gate1 - gate0), T(0));
+      T* sum = bias_sum.data();
+      std::fill(sum + gate0, sum + gate1, T(0));
       for (long r = 0; r < rows; ++r)
-        for (long col = gate0; col < gate1; ++col) bias_sum[col - gate0] += dgates[r * G + col];
+        for (long col = gate0; col < gate1; ++col) sum[col] += dgates[r * G + col];
       for (long col = gate0; col < gate1; ++col) {
         if (torch_row[col] < 0) continue;
-        if (grads.b_ih) grads.b_ih[torch_row[col]] += bias_sum[col - gate0];
-        if (grads.b_hh) grads.b_hh[torch_row[col]] += bias_sum[col - gate0];
+        if (grads.b_ih) grads.b_ih[torch_row[col]] += sum[col];
+        if (grads.b_hh) grads.b_hh[torch_row[col]] += sum[col];
       }
     }
   });
