@@ -138,3 +138,13 @@ def test_matches_torch_without_hx(kind, rng):
     assert_close(dx, tx.grad.numpy(), dtype, "grad", "dx")
     for k, p in tm.named_parameters():
         assert_close(fm.grads[k], p.grad.numpy(), dtype, "grad", k)
+
+
+def test_load_state_dict_accepts_torch_tensors_directly():
+    module = torch.nn.LSTM(4, 3)
+    layer = fastrnn.LSTM(4, 3)
+    layer.load_state_dict(module.state_dict())  # detached tensors convert through np.asarray
+    for name, value in module.state_dict().items():
+        np.testing.assert_array_equal(layer.state_dict()[name], value.numpy())
+    with pytest.raises(TypeError, match="weight_ih_l0: cannot convert"):
+        layer.load_state_dict(dict(module.named_parameters()))  # these require grad

@@ -143,7 +143,12 @@ class _RNNBase:
 
     def _checked_param(self, name: str, value: Any) -> np.ndarray:
         expected = self._param_shapes()[name]
-        array = np.array(value, dtype=self.dtype)  # a private copy, whatever came in
+        try:
+            # A private copy, whatever came in. np.asarray first: NumPy 2's np.array(x, dtype)
+            # passes copy= to __array__, which torch tensors warn about.
+            array = np.array(np.asarray(value), dtype=self.dtype)
+        except (TypeError, ValueError, RuntimeError) as exc:  # e.g. a tensor that requires grad
+            raise TypeError(f"{name}: cannot convert to an array of {self.dtype}: {exc}") from exc
         if array.shape != expected:
             raise ValueError(
                 f"{name} must have shape {_shape(expected)}, got {_shape(array.shape)}"
