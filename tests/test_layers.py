@@ -930,3 +930,20 @@ def test_denormal_mode_restored_after_calls(rng):
     assert (tiny / np.float32(4))[0] != 0, "FTZ left enabled after a fastrnn call"
     denormal = np.array([1e-40], np.float32)
     assert (denormal * np.float32(2))[0] != 0, "DAZ left enabled after a fastrnn call"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_copy_and_pickle(kind, rng):
+    import copy
+    import pickle
+
+    layer = make_layer(kind, 5, 9, np.float64, seed=3)
+    x = rng.standard_normal((4, 2, 5))
+    expected, _ = layer(x)  # packs, and keeps a training state
+    for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        out, _ = clone(x)
+        np.testing.assert_array_equal(out, expected)
+        assert not clone.weight_hh_l0.flags.writeable
+        clone.backward(np.ones_like(out))  # the clone's own forward pairs with its backward
+        clone.weight_ih_l0 = np.zeros_like(clone.weight_ih_l0)  # independent of the original
+    assert np.any(layer.weight_ih_l0 != 0)

@@ -103,7 +103,11 @@ T* accumulator(const std::optional<py::array>& a, const std::vector<py::ssize_t>
   return static_cast<T*>(target.mutable_data());
 }
 
-bool is_dtype(const py::array& a, const py::dtype& dt) { return a.dtype().is(dt); }
+// NumPy's dtype equivalence (not object identity: unpickled arrays carry equal, distinct dtypes).
+template <class T>
+bool has_dtype(const py::array& a) {
+  return py::isinstance<py::array_t<T>>(a);
+}
 
 // The packed weights of one layer and direction, for one dtype and ISA.
 class Layer {
@@ -162,10 +166,8 @@ Layer pack_typed(Cell cell, const py::array& w_ih_in, const py::array& w_hh_in,
 Layer pack(const std::string& cell_name_in, const py::array& w_ih, const py::array& w_hh,
            const std::optional<py::array>& b_ih, const std::optional<py::array>& b_hh) {
   const Cell cell = parse_cell(cell_name_in);
-  if (is_dtype(w_ih, py::dtype::of<float>()))
-    return pack_typed<float>(cell, w_ih, w_hh, b_ih, b_hh);
-  if (is_dtype(w_ih, py::dtype::of<double>()))
-    return pack_typed<double>(cell, w_ih, w_hh, b_ih, b_hh);
+  if (has_dtype<float>(w_ih)) return pack_typed<float>(cell, w_ih, w_hh, b_ih, b_hh);
+  if (has_dtype<double>(w_ih)) return pack_typed<double>(cell, w_ih, w_hh, b_ih, b_hh);
   throw py::type_error("weight_ih must be float32 or float64, got " +
                        std::string(py::str(w_ih.dtype())));
 }
@@ -292,8 +294,8 @@ py::array activation(const std::string& name, const py::array& x) {
   else
     throw py::value_error("activation must be 'sigmoid', 'tanh' or 'relu', got '" + name + "'");
   if (x.ndim() != 1) throw py::value_error("x must be 1-D");
-  if (is_dtype(x, py::dtype::of<float>())) return activation_typed<float>(kind, x);
-  if (is_dtype(x, py::dtype::of<double>())) return activation_typed<double>(kind, x);
+  if (has_dtype<float>(x)) return activation_typed<float>(kind, x);
+  if (has_dtype<double>(x)) return activation_typed<double>(kind, x);
   throw py::type_error("x must be float32 or float64");
 }
 

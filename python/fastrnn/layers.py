@@ -172,6 +172,19 @@ class _RNNBase:
         else:
             super().__setattr__(name, value)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # The packed weights and a pending training state are derived, per-process data: a copy
+        # or an unpickled layer repacks on its first call and needs a new forward for backward.
+        state = self.__dict__.copy()
+        state["_packed"] = None
+        state["_saved"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        for array in self._params.values():
+            array.setflags(write=False)  # unpickled arrays come back writable
+
     def named_parameters(self) -> list[tuple[str, np.ndarray]]:
         return list(self._params.items())
 
