@@ -947,3 +947,12 @@ def test_copy_and_pickle(kind, rng):
         clone.backward(np.ones_like(out))  # the clone's own forward pairs with its backward
         clone.weight_ih_l0 = np.zeros_like(clone.weight_ih_l0)  # independent of the original
     assert np.any(layer.weight_ih_l0 != 0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_nested_lists_convert_to_the_layer_dtype(kind):
+    layer = make_layer(kind, 3, 4, np.float32, seed=0).eval()
+    as_floats = layer([[[1.0, 2.5, -3.0]]])[0]
+    as_ints = layer([[[1, 2, 3]]])[0]
+    assert as_floats.dtype == as_ints.dtype == np.float32
+    np.testing.assert_array_equal(layer(np.array([[[1, 2, 3]]], np.float32))[0], as_ints)

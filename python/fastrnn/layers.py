@@ -51,8 +51,8 @@ def _as_array(value: Any, name: str, dtype: np.dtype) -> np.ndarray:
         array = np.asarray(value)
     except Exception as exc:  # e.g. ragged nested lists
         raise TypeError(f"{name} must be an array of {dtype}, got {type(value).__name__}") from exc
-    if array.dtype.kind not in "biuf" or (array.dtype.kind == "f" and array.dtype != dtype):
-        raise TypeError(f"{name} must have dtype {dtype}, got {array.dtype}")
+    if array.dtype.kind not in "biuf":  # lists carry no dtype of their own: real numbers convert
+        raise TypeError(f"{name} must be real numbers convertible to {dtype}, got {array.dtype}")
     return array.astype(dtype)
 
 
