@@ -221,11 +221,12 @@ void gemm(const GemmArgs<T>& g) {
   using V = typename Simd<T>::type;
   constexpr int MR = kMicroRows;
   constexpr long W = V::lanes;
-  // A K-block of one full panel takes ~24 KiB, so it stays in L1 while the rows of A pass by;
-  // the packed A block (kBlockM x kBlockK) stays in L2 while the panels pass by.
-  constexpr long kPanelRowBytes = kGemmPanelVectors * W * static_cast<long>(sizeof(T));
-  constexpr long kBlockK = 24576 / kPanelRowBytes < 256 ? 24576 / kPanelRowBytes : 256;
-  constexpr long kBlockM = MR * 24;  // the A block lives on the stack: at most ~200 KiB
+  // K is cut into even blocks of at most kMaxBlockK: each block of C is read and written once
+  // per K block, so a small tail block (K = 100 as 96 + 4) would cost a whole extra pass. A panel's
+  // K block (up to 64 KiB) is streamed from L2, each load feeding MR rows of FMAs; the packed A
+  // block (kBlockM x K block) lives on the stack (at most ~150 KiB).
+  constexpr long kMaxBlockK = 256;
+  constexpr long kBlockM = MR * 12;
   const PackedPanels<T>& b = *g.b_packed;
   if (g.m <= 0 || g.n <= 0) return;
   if (g.k <= 0) {
@@ -237,10 +238,12 @@ void gemm(const GemmArgs<T>& g) {
       }
     return;
   }
-  alignas(64) T a_block[kBlockM * kBlockK];
+  alignas(64) T a_block[kBlockM * kMaxBlockK];
   const long panels = (b.cols + b.panel_width - 1) / b.panel_width;
-  for (long k0 = 0; k0 < g.k; k0 += kBlockK) {
-    const long kc = min_long(kBlockK, g.k - k0);
+  const long k_blocks = (g.k + kMaxBlockK - 1) / kMaxBlockK;
+  const long block_k = (g.k + k_blocks - 1) / k_blocks;
+  for (long k0 = 0; k0 < g.k; k0 += block_k) {
+    const long kc = min_long(block_k, g.k - k0);
     const bool accumulate = g.accumulate || k0 > 0;
     for (long m0 = 0; m0 < g.m; m0 += kBlockM) {
       const long mc = min_long(kBlockM, g.m - m0);
