@@ -59,6 +59,17 @@ struct GemmOutput {
   const long* c_row_of = nullptr;
 };
 
+// The output columns of panels [first, last) of B: C[:, cols] (=|+=) A·B[:, cols].
+template <class T>
+void gemm_panels(const KernelTable<T>& k, long m, long n, long kk, StridedMatrix<T> a,
+                 const PackedPanels<T>& b, long first, long last, const GemmOutput<T>& out) {
+  const long col0 = first * b.panel_width;
+  if (first >= last || col0 >= n) return;
+  const PackedPanels<T> part = panel_range(b, first, last);
+  k.gemm({m, std::min(n - col0, part.cols), kk, a, &part, out.c + col0, out.ldc, out.accumulate,
+          out.bias ? out.bias + col0 : nullptr, out.c_row_of});
+}
+
 // This thread's part of a GEMM: by rows when there are many, else by panels.
 template <class T>
 void gemm_part(const KernelTable<T>& k, const ThreadContext& ctx, long m, long n, long kk,
@@ -73,11 +84,7 @@ void gemm_part(const KernelTable<T>& k, const ThreadContext& ctx, long m, long n
     k.gemm({end - begin, n, kk, rows, &b, c, out.ldc, out.accumulate, out.bias, c_row_of});
   } else {
     ctx.split(panel_count(b), 1, begin, end);
-    const long col0 = begin * b.panel_width;
-    if (begin == end || col0 >= n) return;
-    const PackedPanels<T> part = panel_range(b, begin, end);
-    k.gemm({m, std::min(n - col0, part.cols), kk, a, &part, out.c + col0, out.ldc, out.accumulate,
-            out.bias ? out.bias + col0 : nullptr, out.c_row_of});
+    gemm_panels(k, m, n, kk, a, b, begin, end, out);
   }
 }
 
@@ -142,8 +149,6 @@ void forward(const std::shared_ptr<const PackedLayer<T>>& layer, long steps, lon
       ctx.split(batch, 1, row0, row1);
     else
       ctx.split(L.panels, 1, panel0, panel1);
-    const PackedPanels<T> w_ih = panel_range(p.w_ih_panels, panel0, panel1);
-    const long gate_col0 = panel0 * p.w_ih_panels.panel_width;
 
     StepForwardArgs<T> step{};
     step.layout = &L;
@@ -165,18 +170,10 @@ void forward(const std::shared_ptr<const PackedLayer<T>>& layer, long steps, lon
           gemm_part(k, ctx, rows, L.gate_stride, L.input, {x_chunk, L.input, 1}, p.w_ih_panels,
                     GemmOutput<T>{gates_chunk, L.gate_stride, p.bias.data()});
           ctx.sync();
-        } else if (w_ih.cols > 0) {
+        } else {
           // The thread's own gate columns: no other thread reads them.
-          k.gemm({rows,
-                  w_ih.cols,
-                  L.input,
-                  {x_chunk, L.input, 1},
-                  &w_ih,
-                  gates_chunk + gate_col0,
-                  L.gate_stride,
-                  false,
-                  p.bias.data() + gate_col0,
-                  nullptr});
+          gemm_panels(k, rows, L.gate_stride, L.input, {x_chunk, L.input, 1}, p.w_ih_panels, panel0,
+                      panel1, GemmOutput<T>{gates_chunk, L.gate_stride, p.bias.data()});
         }
       }
       const long h_offset = row0 * H;
