@@ -358,16 +358,9 @@ struct RnnForwardEpilogue {
 
 template <class V, int NV, class Epilogue>
 void run_step_forward(const StepForwardArgs<typename V::value_type>& s, const Epilogue& epilogue) {
-  using T = typename V::value_type;
   constexpr int MR = kMicroRows;
   const Layout& L = *s.layout;
   const long panel_size = L.hidden * NV * V::lanes;
-  // h_{t-1} was just written, partly by other threads: request all its lines at once so their
-  // transfers overlap instead of stalling the first panel's loop one line at a time.
-  if (s.h_prev)
-    for (long row = 0; row < s.batch; ++row)
-      for (long j = 0; j < L.hidden; j += 64 / static_cast<long>(sizeof(T)))
-        __builtin_prefetch(s.h_prev + row * s.h_prev_stride + j);
   for (long p = s.panel_begin; p < s.panel_end; ++p) {
     const auto* panel = s.w_hh + p * panel_size;
     for (long row0 = 0; row0 < s.batch; row0 += MR) {
