@@ -32,6 +32,19 @@ constexpr int kBarrierSpinsBeforeYield = 1 << 14;
 
 thread_local bool inside_region = false;
 
+// Spins until done() holds, then yields between checks.
+template <class Done>
+void wait_until(Done done) {
+  for (int spins = 0; !done();) {
+    if (spins < kBarrierSpinsBeforeYield) {
+      ++spins;
+      FASTRNN_CPU_RELAX();
+    } else {
+      std::this_thread::yield();
+    }
+  }
+}
+
 int cgroup_cpu_limit() {
   // cgroup v2: "max 100000" or "<quota> <period>"
   std::ifstream v2("/sys/fs/cgroup/cpu.max");
@@ -56,12 +69,7 @@ void SpinBarrier::wait() {
     generation_.fetch_add(1, std::memory_order_release);
     return;
   }
-  for (int spins = 0; generation_.load(std::memory_order_acquire) == generation; ++spins) {
-    if (spins < kBarrierSpinsBeforeYield)
-      FASTRNN_CPU_RELAX();
-    else
-      std::this_thread::yield();
-  }
+  wait_until([&] { return generation_.load(std::memory_order_acquire) != generation; });
 }
 
 void ThreadContext::split(long n, long grain, long& begin, long& end) const {
@@ -156,7 +164,7 @@ void ThreadPool::worker_loop(int index, std::uint64_t seen) {
   while (true) {
     std::uint64_t sequence = job_sequence_.load(std::memory_order_acquire);
     const auto spin_until = std::chrono::steady_clock::now() + kWorkerSpin;
-    for (int spins = 0; sequence == seen; ++spins) {
+    for (unsigned spins = 0; sequence == seen; ++spins) {  // unsigned: wraps, never overflows
       FASTRNN_CPU_RELAX();
       if ((spins & 255) == 255 && std::chrono::steady_clock::now() > spin_until) {
         // Park. parked_ is raised before the check under the mutex, and publish_job reads it
@@ -200,12 +208,7 @@ void ThreadPool::run_job(int threads, JobFn fn, void* body) {
   inside_region = true;
   fn(body, ThreadContext{0, threads, &barrier});
   inside_region = false;
-  for (int spins = 0; workers_busy_.load(std::memory_order_acquire) != 0; ++spins) {
-    if (spins < kBarrierSpinsBeforeYield)
-      FASTRNN_CPU_RELAX();
-    else
-      std::this_thread::yield();
-  }
+  wait_until([&] { return workers_busy_.load(std::memory_order_acquire) == 0; });
 }
 
 }  // namespace fastrnn

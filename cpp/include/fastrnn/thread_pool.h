@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <mutex>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 namespace fastrnn {
@@ -54,7 +55,7 @@ class ThreadPool {
   // inside a region) runs on the calling thread alone: same results, no deadlock.
   template <class Body>
   void run(int threads, Body&& body) {
-    run_job(threads, &invoke<Body>, &body);
+    run_job(threads, &invoke<std::remove_reference_t<Body>>, &body);
   }
 
   ~ThreadPool();
