@@ -11,6 +11,7 @@ import sys
 import numpy as np
 
 from . import LSTM, RNN, __version__, _core, reference
+from . import bench as benchmarks
 
 
 def _usable_cores() -> int:
@@ -82,8 +83,6 @@ def info() -> int:
 
 
 def bench(args: argparse.Namespace) -> int:
-    from . import bench as benchmarks
-
     cases = tuple(
         c for c in benchmarks.CASES if not args.cases or any(k in c.name for k in args.cases)
     )
@@ -138,9 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         "--cases", nargs="*", help="only cases whose name contains one of these"
     )
     bench_parser.add_argument("--mode", choices=["inference", "training"], help="only this mode")
-    bench_parser.add_argument(
-        "--libraries", nargs="*", choices=["fastrnn", "reference", "torch", "onnxruntime"]
-    )
+    bench_parser.add_argument("--libraries", nargs="*", choices=benchmarks.LIBRARIES)
     bench_parser.add_argument("--json", metavar="FILE", help="save the results as JSON")
     bench_parser.add_argument("--plot", metavar="FILE.png", help="draw the speed-ups (matplotlib)")
     args = parser.parse_args(argv)
