@@ -47,7 +47,8 @@ Cell parse_cell(const std::string& name) {
   if (name == "lstm") return Cell::lstm;
   if (name == "rnn_tanh") return Cell::rnn_tanh;
   if (name == "rnn_relu") return Cell::rnn_relu;
-  throw py::value_error("cell must be 'lstm', 'rnn_tanh' or 'rnn_relu', got '" + name + "'");
+  if (name == "gru") return Cell::gru;
+  throw py::value_error("cell must be 'lstm', 'gru', 'rnn_tanh' or 'rnn_relu', got '" + name + "'");
 }
 
 const char* cell_name(Cell cell) {
@@ -55,6 +56,7 @@ const char* cell_name(Cell cell) {
     case Cell::lstm: return "lstm";
     case Cell::rnn_tanh: return "rnn_tanh";
     case Cell::rnn_relu: return "rnn_relu";
+    case Cell::gru: return "gru";
   }
   return "?";
 }
@@ -133,13 +135,14 @@ class State {
  public:
   std::unique_ptr<TrainingState<float>> f32;
   std::unique_ptr<TrainingState<double>> f64;
+  bool packed = false;  // the forward's x was packed (rows, input) with batch_sizes
   bool consumed = false;
 };
 
 template <class T>
 Layer pack_typed(Cell cell, const py::array& w_ih_in, const py::array& w_hh_in,
                  const std::optional<py::array>& b_ih_in, const std::optional<py::array>& b_hh_in) {
-  const long gates = cell == Cell::lstm ? 4 : 1;
+  const long gates = cell == Cell::lstm ? 4 : cell == Cell::gru ? 3 : 1;
   CArray<T> w_ih = as_array<T>(w_ih_in, "weight_ih"), w_hh = as_array<T>(w_hh_in, "weight_hh");
   if (w_hh.ndim() != 2 || w_hh.shape(1) < 1 || w_hh.shape(0) != gates * w_hh.shape(1))
     throw py::value_error("weight_hh must have shape (" + std::to_string(gates) +
@@ -172,36 +175,72 @@ Layer pack(const std::string& cell_name_in, const py::array& w_ih, const py::arr
                        std::string(py::str(w_ih.dtype())));
 }
 
+// The sequences of a call: x [steps, batch, input], or x [rows, input] packed like a
+// PackedSequence's data with its batch_sizes [steps].
+Sequences sequences_of(const py::array& x, const std::optional<py::array>& batch_sizes_in,
+                       long input) {
+  if (!batch_sizes_in) {
+    if (x.ndim() != 3 || x.shape(2) != input)
+      throw py::value_error("x must have shape (seq_len, batch, " + std::to_string(input) +
+                            "), got " + shape_string(shape_of(x)));
+    if (x.shape(0) < 1) throw py::value_error("x: sequence length must be > 0, got 0");
+    return Sequences::uniform(static_cast<long>(x.shape(0)), static_cast<long>(x.shape(1)));
+  }
+  const char kind = batch_sizes_in->dtype().kind();
+  if (kind != 'i' && kind != 'u')
+    throw py::type_error("batch_sizes must be integers, got " +
+                         std::string(py::str(batch_sizes_in->dtype())));
+  const CArray<long> sizes = as_array<long>(*batch_sizes_in, "batch_sizes");
+  if (sizes.ndim() != 1 || sizes.size() < 1)
+    throw py::value_error("batch_sizes must be a non-empty 1-D array, got shape " +
+                          shape_string(shape_of(sizes)));
+  Sequences seq;
+  try {
+    seq = Sequences::from_batch_sizes(sizes.data(), static_cast<long>(sizes.size()));
+  } catch (const std::invalid_argument& e) {
+    throw py::value_error(e.what());
+  }
+  if (x.ndim() != 2 || x.shape(0) != seq.rows() || x.shape(1) != input)
+    throw py::value_error("x must have shape (sum(batch_sizes), input_size) = (" +
+                          std::to_string(seq.rows()) + ", " + std::to_string(input) + "), got " +
+                          shape_string(shape_of(x)));
+  return seq;
+}
+
+// The shape of a call's rows of `width` values: (steps, batch, width) or packed (rows, width).
+std::vector<py::ssize_t> rows_shape(const Sequences& seq, bool packed, long width) {
+  if (packed) return {seq.rows(), width};
+  return {seq.steps, seq.batch, width};
+}
+
 template <class T>
 py::tuple forward_typed(const Layer& layer, const py::array& x_in,
                         const std::optional<py::array>& h0_in,
-                        const std::optional<py::array>& c0_in, bool training) {
+                        const std::optional<py::array>& c0_in, bool training,
+                        const std::optional<py::array>& batch_sizes, bool reverse) {
   const Layout& L = layer.layout();
   const bool lstm = L.cell == Cell::lstm;
   CArray<T> x = as_array<T>(x_in, "x");
-  if (x.ndim() != 3 || x.shape(2) != L.input)
-    throw py::value_error("x must have shape (seq_len, batch, " + std::to_string(L.input) +
-                          "), got " + shape_string(shape_of(x_in)));
-  const long steps = static_cast<long>(x.shape(0)), batch = static_cast<long>(x.shape(1));
-  if (steps < 1) throw py::value_error("x: sequence length must be > 0, got 0");
-  const std::vector<py::ssize_t> state_shape{batch, L.hidden};
+  const Sequences seq = sequences_of(x, batch_sizes, L.input);
+  const std::vector<py::ssize_t> state_shape{seq.batch, L.hidden};
   if (c0_in && !lstm) throw py::value_error("c0 is only for the LSTM");
   const auto h0 = optional_input<T>(h0_in, state_shape, "h0");
   const auto c0 = optional_input<T>(c0_in, state_shape, "c0");
-  CArray<T> out({steps, batch, L.hidden}), h_n(state_shape);
+  CArray<T> out(rows_shape(seq, batch_sizes.has_value(), L.hidden)), h_n(state_shape);
   std::optional<CArray<T>> c_n;
   if (lstm) c_n.emplace(state_shape);
   std::unique_ptr<TrainingState<T>> state;
   if (training) state = std::make_unique<TrainingState<T>>();
   {
     py::gil_scoped_release release;
-    forward<T>(layer.get<T>(), steps, batch, x.data(), data_or_null(h0), data_or_null(c0),
+    forward<T>(layer.get<T>(), seq, reverse, x.data(), data_or_null(h0), data_or_null(c0),
                out.mutable_data(), h_n.mutable_data(), c_n ? c_n->mutable_data() : nullptr,
                state.get());
   }
   py::object saved = py::none();
   if (state) {
     State s;
+    s.packed = batch_sizes.has_value();
     if constexpr (std::is_same_v<T, float>)
       s.f32 = std::move(state);
     else
@@ -212,23 +251,27 @@ py::tuple forward_typed(const Layer& layer, const py::array& x_in,
 }
 
 py::tuple forward_any(const Layer& layer, const py::array& x, const std::optional<py::array>& h0,
-                      const std::optional<py::array>& c0, bool training) {
-  if (layer.f32) return forward_typed<float>(layer, x, h0, c0, training);
-  return forward_typed<double>(layer, x, h0, c0, training);
+                      const std::optional<py::array>& c0, bool training,
+                      const std::optional<py::array>& batch_sizes, bool reverse) {
+  if (layer.f32) return forward_typed<float>(layer, x, h0, c0, training, batch_sizes, reverse);
+  return forward_typed<double>(layer, x, h0, c0, training, batch_sizes, reverse);
 }
 
 template <class T>
 py::tuple backward_typed(
-    TrainingState<T>& state, bool& consumed, const std::optional<py::array>& grad_out_in,
+    TrainingState<T>& state, bool packed, bool& consumed,
+    const std::optional<py::array>& grad_out_in,
     const std::optional<py::array>& grad_h_n_in, const std::optional<py::array>& grad_c_n_in,
     const std::optional<py::array>& grad_w_ih, const std::optional<py::array>& grad_w_hh,
     const std::optional<py::array>& grad_b_ih, const std::optional<py::array>& grad_b_hh) {
   const Layout& L = state.layer->layout;
   const bool lstm = L.cell == Cell::lstm;
-  const long steps = state.steps, batch = state.batch, gate_rows = L.gates * L.hidden;
-  const std::vector<py::ssize_t> state_shape{batch, L.hidden};
+  const Sequences& seq = state.sequences;
+  const long gate_rows = L.gates * L.hidden;
+  const std::vector<py::ssize_t> state_shape{seq.batch, L.hidden};
   if (grad_c_n_in && !lstm) throw py::value_error("grad_c_n is only for the LSTM");
-  const auto grad_out = optional_input<T>(grad_out_in, {steps, batch, L.hidden}, "grad_out");
+  const auto grad_out =
+      optional_input<T>(grad_out_in, rows_shape(seq, packed, L.hidden), "grad_out");
   const auto grad_h_n = optional_input<T>(grad_h_n_in, state_shape, "grad_h_n");
   const auto grad_c_n = optional_input<T>(grad_c_n_in, state_shape, "grad_c_n");
   if (!grad_w_ih || !grad_w_hh)
@@ -237,7 +280,7 @@ py::tuple backward_typed(
                           accumulator<T>(grad_w_hh, {gate_rows, L.hidden}, "grad_weight_hh"),
                           accumulator<T>(grad_b_ih, {gate_rows}, "grad_bias_ih"),
                           accumulator<T>(grad_b_hh, {gate_rows}, "grad_bias_hh")};
-  CArray<T> grad_x({steps, batch, L.input}), grad_h0(state_shape);
+  CArray<T> grad_x(rows_shape(seq, packed, L.input)), grad_h0(state_shape);
   std::optional<CArray<T>> grad_c0;
   if (lstm) grad_c0.emplace(state_shape);
   consumed = true;  // backward overwrites the saved gates with their gradients
@@ -261,10 +304,10 @@ py::tuple backward_any(State& state, const std::optional<py::array>& grad_out,
     throw std::runtime_error(
         "backward was already run for this forward; run a training forward again");
   if (state.f32)
-    return backward_typed(*state.f32, state.consumed, grad_out, grad_h_n, grad_c_n, grad_w_ih,
-                          grad_w_hh, grad_b_ih, grad_b_hh);
-  return backward_typed(*state.f64, state.consumed, grad_out, grad_h_n, grad_c_n, grad_w_ih,
-                        grad_w_hh, grad_b_ih, grad_b_hh);
+    return backward_typed(*state.f32, state.packed, state.consumed, grad_out, grad_h_n, grad_c_n,
+                          grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh);
+  return backward_typed(*state.f64, state.packed, state.consumed, grad_out, grad_h_n, grad_c_n,
+                        grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh);
 }
 
 template <class T>
@@ -357,7 +400,10 @@ PYBIND11_MODULE(_core, m) {
         "Pack torch.nn-layout weights for the active ISA.");
   m.def("forward", &forward_any, py::arg("layer"), py::arg("x"), py::arg("h0") = py::none(),
         py::arg("c0") = py::none(), py::arg("training") = false,
-        "Time-major forward: returns (out, h_n, c_n or None, TrainingState or None).");
+        py::arg("batch_sizes") = py::none(), py::arg("reverse") = false,
+        "Time-major forward of x (seq_len, batch, input), or of x (rows, input) packed like a "
+        "PackedSequence with its batch_sizes; reverse runs each sequence back to front. Returns "
+        "(out, h_n, c_n or None, TrainingState or None).");
   m.def("backward", &backward_any, py::arg("state"), py::arg("grad_out") = py::none(),
         py::arg("grad_h_n") = py::none(), py::arg("grad_c_n") = py::none(),
         py::arg("grad_weight_ih") = py::none(), py::arg("grad_weight_hh") = py::none(),

@@ -10,6 +10,9 @@
 //   on them with no barrier; the input projection is shared by rows.
 #include <algorithm>
 #include <cstring>
+#include <stdexcept>
+#include <string>
+#include <vector>
 
 #include "fastrnn/fp_env.h"
 #include "fastrnn/layer.h"
@@ -94,53 +97,129 @@ int threads_for(long steps, long step_work) {
   return worth_it ? ThreadPool::global().threads() : 1;
 }
 
+// Rows of a [rows, cols] matrix gathered (dst[r] = src[from[r]]) or scattered (dst[to[r]] = src[r]).
+template <class T>
+void gather_rows(T* dst, const T* src, const std::vector<long>& from, long cols) {
+  for (std::size_t r = 0; r < from.size(); ++r)
+    std::memcpy(dst + static_cast<long>(r) * cols, src + from[r] * cols,
+                static_cast<std::size_t>(cols) * sizeof(T));
+}
+template <class T>
+void scatter_rows(T* dst, const T* src, const std::vector<long>& to, long cols) {
+  for (std::size_t r = 0; r < to.size(); ++r)
+    std::memcpy(dst + to[r] * cols, src + static_cast<long>(r) * cols,
+                static_cast<std::size_t>(cols) * sizeof(T));
+}
+
 }  // namespace
 
+Sequences Sequences::uniform(long steps, long batch) {
+  Sequences s;
+  s.steps = steps;
+  s.batch = batch;
+  s.sizes.assign(static_cast<std::size_t>(steps), batch);
+  s.offset.resize(static_cast<std::size_t>(steps + 1));
+  for (long t = 0; t <= steps; ++t) s.offset[t] = t * batch;
+  s.length.assign(static_cast<std::size_t>(batch), steps);
+  return s;
+}
+
+Sequences Sequences::from_batch_sizes(const long* sizes, long steps) {
+  if (steps < 1) throw std::invalid_argument("batch_sizes must not be empty");
+  Sequences s;
+  s.steps = steps;
+  s.batch = sizes[0];
+  s.sizes.assign(sizes, sizes + steps);
+  s.offset.resize(static_cast<std::size_t>(steps + 1));
+  s.offset[0] = 0;
+  for (long t = 0; t < steps; ++t) {
+    if (sizes[t] < 1 || (t > 0 && sizes[t] > sizes[t - 1]))
+      throw std::invalid_argument("batch_sizes must be positive and non-increasing, got " +
+                                  std::to_string(sizes[t]) + " at step " + std::to_string(t) +
+                                  (t > 0 ? " after " + std::to_string(sizes[t - 1]) : ""));
+    s.offset[t + 1] = s.offset[t] + sizes[t];
+  }
+  s.length.assign(static_cast<std::size_t>(s.batch), 0);
+  for (long t = 0; t < steps; ++t) s.length[sizes[t] - 1] = t + 1;  // the last step with that row
+  for (long b = s.batch - 2; b >= 0; --b) s.length[b] = std::max(s.length[b], s.length[b + 1]);
+  return s;
+}
+
+std::vector<long> Sequences::reversed_rows() const {
+  std::vector<long> rows_of(static_cast<std::size_t>(rows()));
+  for (long t = 0; t < steps; ++t)
+    for (long b = 0; b < sizes[t]; ++b) rows_of[offset[t] + b] = offset[length[b] - 1 - t] + b;
+  return rows_of;
+}
+
 template <class T>
-void forward(const std::shared_ptr<const PackedLayer<T>>& layer, long steps, long batch, const T* x,
-             const T* h0, const T* c0, T* out, T* h_n, T* c_n, TrainingState<T>* state) {
+void forward(const std::shared_ptr<const PackedLayer<T>>& layer, const Sequences& seq,
+             bool reverse, const T* x_in, const T* h0, const T* c0, T* out_in, T* h_n, T* c_n,
+             TrainingState<T>* state) {
   const PackedLayer<T>& p = *layer;
   const Layout& L = p.layout;
   const KernelTable<T>& k = *p.kernels;
-  const bool lstm = L.cell == Cell::lstm;
-  const long H = L.hidden, Hp = L.hidden_padded;
-  const long state_size = batch * Hp, row_elements = batch * L.gate_stride;
+  const bool lstm = L.cell == Cell::lstm, gru = L.cell == Cell::gru;
+  const long H = L.hidden, Hp = L.hidden_padded, I = L.input, G = L.gate_stride;
+  const long steps = seq.steps, batch = seq.batch, rows = seq.rows();
   if (state) {
     state->layer = layer;
-    state->steps = steps;
-    state->batch = batch;
+    state->sequences = seq;
+    state->reverse = reverse;
   }
   if (batch == 0) return;
 
   // Every buffer is allocated before any work, so a request too large fails at once.
+  // A reverse layer runs on its sequences reversed, then puts its outputs back in input order.
+  std::vector<long> reversed;
+  AlignedBuffer<T> reversed_x, reversed_out;
+  const T* x = x_in;
+  T* out = out_in;
+  if (reverse) {
+    reversed = seq.reversed_rows();
+    reversed_x.reset(static_cast<std::size_t>(rows * I));
+    reversed_out.reset(static_cast<std::size_t>(rows * H));
+    gather_rows(reversed_x.data(), x_in, reversed, I);
+    x = reversed_x.data();
+    out = reversed_out.data();
+  }
   // Training keeps the whole sequence of gates and cell states for backward; inference computes
   // x·W_ihᵀ for a chunk of time steps at a time and alternates two cell states.
   const long chunk_steps =
-      state ? steps : std::clamp(kInferenceGateElements / row_elements, 1L, steps);
+      state ? steps : std::clamp(kInferenceGateElements / (batch * G), 1L, steps);
   AlignedBuffer<T> inference_gates, inference_c;
   T* gates = nullptr;
   T* c_all = nullptr;
   if (state) {
-    state->gates.reset(static_cast<std::size_t>(steps * row_elements));
-    state->x.reset(static_cast<std::size_t>(steps * batch * L.input));
-    state->h.reset(static_cast<std::size_t>((steps + 1) * batch * H));
-    if (lstm) state->c.reset(static_cast<std::size_t>((steps + 1) * state_size));
+    state->gates.reset(static_cast<std::size_t>(rows * G));
+    state->h.reset(static_cast<std::size_t>((batch + rows) * H));
+    if (lstm) state->c.reset(static_cast<std::size_t>((batch + rows) * Hp));
+    if (gru) state->hidden_gate.reset(static_cast<std::size_t>(rows * Hp));
+    if (!reverse) state->x.reset(static_cast<std::size_t>(rows * I));
     gates = state->gates.data();
     c_all = state->c.data();
   } else {
-    inference_gates.reset(static_cast<std::size_t>(chunk_steps * row_elements));
-    if (lstm) inference_c.reset(static_cast<std::size_t>(2 * state_size));
+    inference_gates.reset(static_cast<std::size_t>(chunk_steps * batch * G));
+    if (lstm) inference_c.reset(static_cast<std::size_t>(2 * batch * Hp));
     gates = inference_gates.data();
     c_all = inference_c.data();
   }
-  auto c_at = [&](long t) { return c_all + (state ? t : t % 2) * state_size; };
   // Cell states live in rows padded to hidden_padded, so the kernels read and write whole vectors.
+  // Training keeps c0 and then each row's c in row order; inference alternates two buffers, where
+  // a finished sequence's row is never written again.
+  auto c_before = [&](long t) {
+    if (t == 0) return c_all;
+    return c_all + (state ? batch + seq.offset[t - 1] : (t % 2) * batch) * Hp;
+  };
+  auto c_after = [&](long t) {
+    return c_all + (state ? batch + seq.offset[t] : ((t + 1) % 2) * batch) * Hp;
+  };
   if (lstm) {
-    std::fill(c_all, c_all + state_size, T(0));
+    std::fill(c_all, c_all + batch * Hp, T(0));
     if (c0) copy_rows(c_all, Hp, c0, H, batch, H);
   }
 
-  const int threads = threads_for(steps, batch * L.gate_stride * (H + L.input));
+  const int threads = threads_for(steps, batch * G * (H + I));
   const bool batch_split = batch >= kBatchSplitRows * threads;
   ThreadPool::global().run(threads, [&](const ThreadContext& ctx) {
     FlushDenormalsScope flush_denormals;
@@ -152,82 +231,120 @@ void forward(const std::shared_ptr<const PackedLayer<T>>& layer, long steps, lon
 
     StepForwardArgs<T> step{};
     step.layout = &L;
-    step.batch = row1 - row0;
     step.w_hh = p.w_hh.data();
     step.h_prev_stride = H;
     step.h_next_stride = H;
     step.store_gates = state != nullptr;
+    step.bias_hn = p.bias_hn.size() ? p.bias_hn.data() : nullptr;
     step.panel_begin = panel0;
     step.panel_end = panel1;
+    long chunk_row0 = 0;  // first row of the chunk of x·W_ihᵀ in the gate buffer
     for (long t = 0; t < steps; ++t) {
-      const long chunk_t = state ? t : t % chunk_steps;
       if (t % chunk_steps == 0) {
-        const long rows = std::min(chunk_steps, steps - t) * batch;
-        const T* x_chunk = x + t * batch * L.input;
-        T* gates_chunk = gates + (state ? t * row_elements : 0);
+        chunk_row0 = seq.offset[t];
+        const long chunk_rows = seq.offset[std::min(t + chunk_steps, steps)] - chunk_row0;
+        const T* x_chunk = x + chunk_row0 * I;
+        T* gates_chunk = gates + (state ? chunk_row0 * G : 0);
         if (batch_split) {
           if (t > 0) ctx.sync();  // every thread is done reading the previous chunk
-          gemm_part(k, ctx, rows, L.gate_stride, L.input, {x_chunk, L.input, 1}, p.w_ih_panels,
-                    GemmOutput<T>{gates_chunk, L.gate_stride, p.bias.data()});
+          gemm_part(k, ctx, chunk_rows, G, I, {x_chunk, I, 1}, p.w_ih_panels,
+                    GemmOutput<T>{gates_chunk, G, p.bias.data()});
           ctx.sync();
         } else {
           // The thread's own gate columns: no other thread reads them.
-          gemm_panels(k, rows, L.gate_stride, L.input, {x_chunk, L.input, 1}, p.w_ih_panels, panel0,
-                      panel1, GemmOutput<T>{gates_chunk, L.gate_stride, p.bias.data()});
+          gemm_panels(k, chunk_rows, G, I, {x_chunk, I, 1}, p.w_ih_panels, panel0, panel1,
+                      GemmOutput<T>{gates_chunk, G, p.bias.data()});
         }
       }
-      const long h_offset = row0 * H;
-      step.h_prev = t == 0 ? (h0 ? h0 + h_offset : nullptr) : out + (t - 1) * batch * H + h_offset;
-      step.h_next = out + t * batch * H + h_offset;
-      step.gates = gates + chunk_t * row_elements + row0 * L.gate_stride;
+      const long row = seq.offset[t] + row0;
+      step.batch = std::max(0L, std::min(row1, seq.sizes[t]) - row0);
+      step.h_prev = t > 0 ? out + (seq.offset[t - 1] + row0) * H : h0 ? h0 + row0 * H : nullptr;
+      step.h_next = out + row * H;
+      step.gates = gates + (state ? row : row - chunk_row0) * G;
       if (lstm) {
-        step.c_prev = c_at(t) + row0 * Hp;
-        step.c_next = c_at(t + 1) + row0 * Hp;
+        step.c_prev = c_before(t) + row0 * Hp;
+        step.c_next = c_after(t) + row0 * Hp;
       }
+      if (gru && state) step.hidden_gate = state->hidden_gate.data() + row * Hp;
       if (step.batch > 0 && panel0 < panel1) k.step_forward(step);
       if (!batch_split) ctx.sync();  // h_t is complete before anyone reads it
     }
   });
 
-  std::memcpy(h_n, out + (steps - 1) * batch * H, static_cast<std::size_t>(batch * H) * sizeof(T));
-  if (lstm && c_n) copy_rows(c_n, H, c_at(steps), Hp, batch, H);
+  // Each sequence's final state is its row at its last step.
+  for (long b = 0; b < batch; ++b) {
+    const long last = seq.length[b] - 1;
+    std::memcpy(h_n + b * H, out + (seq.offset[last] + b) * H,
+                static_cast<std::size_t>(H) * sizeof(T));
+    if (lstm && c_n)
+      std::memcpy(c_n + b * H, c_after(last) + b * Hp, static_cast<std::size_t>(H) * sizeof(T));
+  }
   if (state) {
-    std::memcpy(state->x.data(), x, state->x.size() * sizeof(T));
+    if (reverse)
+      state->x = std::move(reversed_x);
+    else
+      std::memcpy(state->x.data(), x, state->x.size() * sizeof(T));
     T* h_all = state->h.data();
     if (h0)
       std::memcpy(h_all, h0, static_cast<std::size_t>(batch * H) * sizeof(T));
     else
       std::fill(h_all, h_all + batch * H, T(0));
-    std::memcpy(h_all + batch * H, out, static_cast<std::size_t>(steps * batch * H) * sizeof(T));
+    std::memcpy(h_all + batch * H, out, static_cast<std::size_t>(rows * H) * sizeof(T));
   }
+  if (reverse) scatter_rows(out_in, out, reversed, H);
 }
 
 template <class T>
-void backward(TrainingState<T>& state, const T* grad_out, const T* grad_h_n, const T* grad_c_n,
-              T* grad_x, T* grad_h0, T* grad_c0, const ParameterGrads<T>& grads) {
+void backward(TrainingState<T>& state, const T* grad_out_in, const T* grad_h_n, const T* grad_c_n,
+              T* grad_x_in, T* grad_h0, T* grad_c0, const ParameterGrads<T>& grads) {
   const PackedLayer<T>& p = *state.layer;
   const Layout& L = p.layout;
   const KernelTable<T>& k = *p.kernels;
-  const bool lstm = L.cell == Cell::lstm;
-  const long steps = state.steps, batch = state.batch, H = L.hidden, Hp = L.hidden_padded;
-  const long I = L.input, G = L.gate_stride, rows = steps * batch;
-  const long state_size = batch * Hp;
+  const bool lstm = L.cell == Cell::lstm, gru = L.cell == Cell::gru;
+  const Sequences& seq = state.sequences;
+  const long steps = seq.steps, batch = seq.batch, rows = seq.rows();
+  const long H = L.hidden, Hp = L.hidden_padded, I = L.input, G = L.gate_stride;
   if (batch == 0) return;
+
+  // A reverse layer's state is in processing order: so are the gradients, until the end.
+  std::vector<long> reversed;
+  AlignedBuffer<T> reversed_grad_out, reversed_grad_x;
+  const T* grad_out = grad_out_in;
+  T* grad_x = grad_x_in;
+  if (state.reverse) {
+    reversed = seq.reversed_rows();
+    if (grad_out_in) {
+      reversed_grad_out.reset(static_cast<std::size_t>(rows * H));
+      gather_rows(reversed_grad_out.data(), grad_out_in, reversed, H);
+      grad_out = reversed_grad_out.data();
+    }
+    reversed_grad_x.reset(static_cast<std::size_t>(rows * I));
+    grad_x = reversed_grad_x.data();
+  }
 
   // The gate buffer turns into dG in place, one step at a time, from the last step back.
   T* dgates = state.gates.data();
-  AlignedBuffer<T> grad_c(static_cast<std::size_t>(state_size));
+  AlignedBuffer<T> grad_c(static_cast<std::size_t>(batch * Hp)), grad_h_carry;
   grad_c.zero();
   if (lstm && grad_c_n) copy_rows(grad_c.data(), Hp, grad_c_n, H, batch, H);
-  // Operands of the weight gradients, packed as GEMM panels.
+  if (gru) {
+    grad_h_carry.reset(static_cast<std::size_t>(batch * Hp));
+    grad_h_carry.zero();
+  }
+  // Operands of the weight gradients, packed as GEMM panels: each row's x, and the h its step
+  // started from (h0 for a row of step 0, else the same sequence's row of the step before).
   const long panel = k.gemm_panel_vectors * L.lanes;
   AlignedBuffer<T> x_storage, h_storage;
   const T* x = state.x.data();
   const T* h = state.h.data();
+  std::vector<long> h_prev_row(static_cast<std::size_t>(rows));
+  for (long t = 0; t < steps; ++t)
+    for (long b = 0; b < seq.sizes[t]; ++b)
+      h_prev_row[seq.offset[t] + b] = t == 0 ? b : batch + seq.offset[t - 1] + b;
   const PackedPanels<T> x_panels =
       pack_panels(x_storage, rows, I, panel, L.lanes, [&](long r, long j) { return x[r * I + j]; });
-  const PackedPanels<T> h_panels =
-      pack_panels(h_storage, rows, H, panel, L.lanes, [&](long r, long j) { return h[r * H + j]; });
+  const PackedPanels<T> h_panels = pack_panels(
+      h_storage, rows, H, panel, L.lanes, [&](long r, long j) { return h[h_prev_row[r] * H + j]; });
 
   // Allocated here: nothing may throw inside the parallel region.
   AlignedBuffer<T> bias_sum(static_cast<std::size_t>(G));
@@ -246,40 +363,38 @@ void backward(TrainingState<T>& state, const T* grad_out, const T* grad_h_n, con
     }
     StepBackwardArgs<T> step{};
     step.layout = &L;
-    step.batch = row1 - row0;
     step.w_hh_t = &p.w_hh_t_panels;
     step.grad_out_stride = H;
+    step.grad_h_last = grad_h_n ? grad_h_n + row0 * H : nullptr;
     step.grad_c = grad_c.data() + row0 * Hp;
+    if (gru) step.grad_h_carry = grad_h_carry.data() + row0 * Hp;
     step.col_begin = col0;
     step.col_end = col1;
     for (long t = steps - 1; t >= 0; --t) {
-      const long at = (t * batch + row0);
-      step.grad_gates_next = t + 1 < steps ? dgates + (at + batch) * G : nullptr;
-      step.grad_out = grad_out ? grad_out + at * H : nullptr;
-      step.grad_h_last = t == steps - 1 && grad_h_n ? grad_h_n + row0 * H : nullptr;
-      step.gates = dgates + at * G;
-      step.h = h + (at + batch) * H;
+      const long row = seq.offset[t] + row0;
+      const long prev = t > 0 ? batch + seq.offset[t - 1] + row0 : row0;  // of h and c
+      const long next_size = t + 1 < steps ? seq.sizes[t + 1] : 0;
+      step.batch = std::max(0L, std::min(row1, seq.sizes[t]) - row0);
+      step.next_batch = std::max(0L, next_size - row0);
+      step.grad_gates_next = step.next_batch > 0 ? dgates + (seq.offset[t + 1] + row0) * G : nullptr;
+      step.grad_out = grad_out ? grad_out + row * H : nullptr;
+      step.gates = dgates + row * G;
+      step.h = h + (batch + row) * H;
+      step.h_prev = h + prev * H;
       if (lstm) {
-        step.c = state.c.data() + (t + 1) * state_size + row0 * Hp;
-        step.c_prev = state.c.data() + t * state_size + row0 * Hp;
+        step.c = state.c.data() + (batch + row) * Hp;
+        step.c_prev = state.c.data() + prev * Hp;
       }
+      if (gru) step.hidden_gate = state.hidden_gate.data() + row * Hp;
       if (step.batch > 0 && col0 < col1) k.step_backward(step);
       if (!batch_split) ctx.sync();  // dG_t is complete before anyone reads it
     }
     if (batch_split) ctx.sync();
 
-    // dh0 = dG_0 · W_hh and dX = dG · W_ih. The weight gradients dGᵀ·[x] and
-    // dGᵀ·[h0 .. h_{T-1}] are added straight into torch.nn's rows (the packed gate columns are
-    // in panel order: torch_row maps them back, padding dropped).
-    gemm_part(k, ctx, batch, H, G, {dgates, G, 1}, p.w_hh_t_panels, GemmOutput<T>{grad_h0, H});
-    gemm_part(k, ctx, rows, I, G, {dgates, G, 1}, p.w_ih_t_panels, GemmOutput<T>{grad_x, I});
     const long* torch_row = p.torch_row.data();
-    gemm_part(k, ctx, G, I, rows, {dgates, 1, G}, x_panels,
-              GemmOutput<T>{grads.w_ih, I, nullptr, true, torch_row});
-    gemm_part(k, ctx, G, H, rows, {dgates, 1, G}, h_panels,
-              GemmOutput<T>{grads.w_hh, H, nullptr, true, torch_row});
-
-    if (grads.b_ih || grads.b_hh) {  // column sums of dG, each thread its own gate columns
+    // Column sums of dG into the bias gradients, each thread its own gate columns.
+    auto add_bias_grads = [&](T* b_ih, T* b_hh) {
+      if (!b_ih && !b_hh) return;
       long gate0 = 0, gate1 = 0;
       ctx.split(G, 1, gate0, gate1);
       T* sum = bias_sum.data();
@@ -288,18 +403,48 @@ void backward(TrainingState<T>& state, const T* grad_out, const T* grad_h_n, con
         for (long col = gate0; col < gate1; ++col) sum[col] += dgates[r * G + col];
       for (long col = gate0; col < gate1; ++col) {
         if (torch_row[col] < 0) continue;
-        if (grads.b_ih) grads.b_ih[torch_row[col]] += sum[col];
-        if (grads.b_hh) grads.b_hh[torch_row[col]] += sum[col];
+        if (b_ih) b_ih[torch_row[col]] += sum[col];
+        if (b_hh) b_hh[torch_row[col]] += sum[col];
       }
+    };
+    // dh0 = dG_0 · W_hh and dW_hh += dGᵀ·h_prev, added straight into torch.nn's rows (the packed
+    // gate columns are in panel order: torch_row maps them back, padding dropped).
+    gemm_part(k, ctx, batch, H, G, {dgates, G, 1}, p.w_hh_t_panels, GemmOutput<T>{grad_h0, H});
+    gemm_part(k, ctx, G, H, rows, {dgates, 1, G}, h_panels,
+              GemmOutput<T>{grads.w_hh, H, nullptr, true, torch_row});
+    if (gru) {
+      // The input side differs in the n gate: put its gradient into the n columns.
+      add_bias_grads(nullptr, grads.b_hh);
+      ctx.sync();
+      long r0 = 0, r1 = 0;
+      ctx.split(rows, 1, r0, r1);
+      const long hb = L.panel_hidden;
+      for (long r = r0; r < r1; ++r)
+        for (long q = 0; q < L.panels; ++q)
+          std::memcpy(dgates + r * G + q * 3 * hb + 2 * hb, state.hidden_gate.data() + r * Hp + q * hb,
+                      static_cast<std::size_t>(hb) * sizeof(T));
+      ctx.sync();
+      add_bias_grads(grads.b_ih, nullptr);
+    } else {
+      add_bias_grads(grads.b_ih, grads.b_hh);
     }
+    // dX = dG · W_ih and dW_ih += dGᵀ·x.
+    gemm_part(k, ctx, rows, I, G, {dgates, G, 1}, p.w_ih_t_panels, GemmOutput<T>{grad_x, I});
+    gemm_part(k, ctx, G, I, rows, {dgates, 1, G}, x_panels,
+              GemmOutput<T>{grads.w_ih, I, nullptr, true, torch_row});
   });
   if (lstm && grad_c0) copy_rows(grad_c0, H, grad_c.data(), Hp, batch, H);
+  if (gru)  // h0 also reaches h_1 through z, past W_hh
+    for (long b = 0; b < batch; ++b)
+      for (long j = 0; j < H; ++j) grad_h0[b * H + j] += grad_h_carry.data()[b * Hp + j];
+  if (state.reverse) scatter_rows(grad_x_in, grad_x, reversed, I);
 }
 
-template void forward(const std::shared_ptr<const PackedLayer<float>>&, long, long, const float*,
-                      const float*, const float*, float*, float*, float*, TrainingState<float>*);
-template void forward(const std::shared_ptr<const PackedLayer<double>>&, long, long, const double*,
-                      const double*, const double*, double*, double*, double*,
+template void forward(const std::shared_ptr<const PackedLayer<float>>&, const Sequences&, bool,
+                      const float*, const float*, const float*, float*, float*, float*,
+                      TrainingState<float>*);
+template void forward(const std::shared_ptr<const PackedLayer<double>>&, const Sequences&, bool,
+                      const double*, const double*, const double*, double*, double*, double*,
                       TrainingState<double>*);
 template void backward(TrainingState<float>&, const float*, const float*, const float*, float*,
                        float*, float*, const ParameterGrads<float>&);

@@ -20,14 +20,14 @@ const KernelTable<double>& table_of(const IsaKernels& isa) {
 Layout make_layout(Cell cell, long input, long hidden, int lanes) {
   Layout L{};
   L.cell = cell;
-  L.gates = cell == Cell::lstm ? 4 : 1;
+  L.gates = cell == Cell::lstm ? 4 : cell == Cell::gru ? 3 : 1;
   L.input = input;
   L.hidden = hidden;
   L.lanes = lanes;
-  // A panel is 4 vectors wide in every case: the LSTM's 4 gates of one vector of hidden units,
-  // or up to 4 vectors of hidden units of the RNN's single gate (fewer when H is small).
+  // A panel is 3 or 4 vectors wide: the gates of the LSTM (4) or GRU (3) for one vector of hidden
+  // units, or up to 4 vectors of hidden units of the RNN's single gate (fewer when H is small).
   const long vectors = (hidden + lanes - 1) / lanes;
-  L.panel_vectors = cell == Cell::lstm ? 1 : static_cast<int>(vectors < 4 ? vectors : 4);
+  L.panel_vectors = L.gates > 1 ? 1 : static_cast<int>(vectors < 4 ? vectors : 4);
   L.panel_hidden = static_cast<long>(L.panel_vectors) * lanes;
   L.hidden_padded = round_up(hidden, L.panel_hidden);
   L.panels = L.hidden_padded / L.panel_hidden;
@@ -75,6 +75,9 @@ std::shared_ptr<const PackedLayer<T>> pack_layer(const IsaKernels& isa, Cell cel
                                   const long row = torch_row_of_gate_column(L, col);
                                   return row < 0 || n >= hidden ? T(0) : w_hh[row * hidden + n];
                                 });
+  // The GRU's b_hn is applied inside r * (W_hn·h + b_hn): it gets its own vector.
+  const bool gru = cell == Cell::gru;
+  const long hn_row0 = 2 * hidden;  // torch.nn.GRU's rows: r, z, n
   p.bias.reset(static_cast<std::size_t>(L.gate_stride));
   p.torch_row.reset(static_cast<std::size_t>(L.gate_stride));
   for (long col = 0; col < L.gate_stride; ++col) {
@@ -82,8 +85,13 @@ std::shared_ptr<const PackedLayer<T>> pack_layer(const IsaKernels& isa, Cell cel
     p.torch_row.data()[col] = row;
     T b = T(0);
     if (row >= 0 && b_ih) b += b_ih[row];
-    if (row >= 0 && b_hh) b += b_hh[row];
+    if (row >= 0 && b_hh && !(gru && row >= hn_row0)) b += b_hh[row];
     p.bias.data()[col] = b;
+  }
+  if (gru && b_hh) {
+    p.bias_hn.reset(static_cast<std::size_t>(L.hidden_padded));
+    for (long j = 0; j < L.hidden_padded; ++j)
+      p.bias_hn.data()[j] = j < hidden ? b_hh[hn_row0 + j] : T(0);
   }
   return packed;
 }

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <memory>
+#include <vector>
 
 #include "fastrnn/buffer.h"
 #include "fastrnn/kernels.h"
@@ -18,6 +19,8 @@ struct PackedLayer {
   AlignedBuffer<T> w_ih, w_hh;      // gate-interleaved panels (forward): K = input / hidden
   AlignedBuffer<T> w_ih_t, w_hh_t;  // panels of W_ih and W_hh for dX = dG·W_ih and dh = dG·W_hh
   AlignedBuffer<T> bias;            // b_ih + b_hh in panel column order, gate_stride long
+                                    // (GRU: b_in alone in the n gate's columns)
+  AlignedBuffer<T> bias_hn;         // GRU: b_hn, hidden_padded long (empty without bias)
   AlignedBuffer<long> torch_row;    // torch.nn's weight row of each panel column, -1 for padding
   PackedPanels<T> w_ih_panels, w_hh_panels, w_ih_t_panels, w_hh_t_panels;
 };
@@ -28,23 +31,46 @@ std::shared_ptr<const PackedLayer<T>> pack_layer(const IsaKernels& isa, Cell cel
                                                  long hidden, const T* w_ih, const T* w_hh,
                                                  const T* b_ih, const T* b_hh);
 
-// What a training forward keeps for backward (everything time-major).
+// The rows of a batch of sequences, time-major and packed like torch's PackedSequence: step t
+// holds rows [offset[t], offset[t] + sizes[t]), the first sizes[t] sequences of the batch, which
+// are sorted by length, longest first (sizes never increase). Equal lengths: offset[t] = t * batch.
+struct Sequences {
+  long steps = 0, batch = 0;
+  std::vector<long> sizes;   // [steps]: sequences still running at step t, >= 1
+  std::vector<long> offset;  // [steps + 1]: first row of step t; offset[steps] = rows
+  std::vector<long> length;  // [batch]: steps of each sequence
+
+  static Sequences uniform(long steps, long batch);
+  // Throws std::invalid_argument unless 1 <= sizes[t] <= sizes[t-1].
+  static Sequences from_batch_sizes(const long* sizes, long steps);
+  long rows() const { return offset[steps]; }
+  // The row of (t, b) when every sequence is read back to front: (length[b] - 1 - t, b).
+  std::vector<long> reversed_rows() const;
+};
+
+// What a training forward keeps for backward (everything in processing order: a reverse layer's
+// sequences are stored reversed).
 template <class T>
 struct TrainingState {
   std::shared_ptr<const PackedLayer<T>> layer;  // backward uses the weights the forward used
-  long steps = 0, batch = 0;
-  AlignedBuffer<T> x;      // [steps, batch, input]
-  AlignedBuffer<T> gates;  // [steps, batch, gate_stride]: post-activation gates (LSTM)
-  AlignedBuffer<T> h;      // [steps + 1, batch, hidden]: h0, h1, ..., h_T
-  AlignedBuffer<T> c;      // [steps + 1, batch, hidden_padded] (LSTM)
+  Sequences sequences;
+  bool reverse = false;
+  AlignedBuffer<T> x;            // [rows, input]
+  AlignedBuffer<T> gates;        // [rows, gate_stride]: post-activation gates (LSTM, GRU)
+  AlignedBuffer<T> hidden_gate;  // [rows, hidden_padded]: W_hn·h + b_hn (GRU)
+  AlignedBuffer<T> h;            // [batch + rows, hidden]: h0, then h after each row's step
+  AlignedBuffer<T> c;            // [batch + rows, hidden_padded]: c0, then c (LSTM)
 };
 
-// x [steps, batch, input] C-contiguous; h0, c0 [batch, hidden] or nullptr for zeros.
-// Writes out [steps, batch, hidden], h_n and (LSTM) c_n [batch, hidden].
-// With a non-null `state`, keeps what backward needs in it.
+// x [rows, input] in the row order of `sequences`; h0, c0 [batch, hidden] or nullptr for zeros.
+// Writes out [rows, hidden], h_n and (LSTM) c_n [batch, hidden]: each sequence's state after its
+// last step. `reverse` runs every sequence from its last step to its first (the backward direction
+// of a bidirectional layer); out stays in input order. With a non-null `state`, keeps what
+// backward needs in it.
 template <class T>
-void forward(const std::shared_ptr<const PackedLayer<T>>& layer, long steps, long batch, const T* x,
-             const T* h0, const T* c0, T* out, T* h_n, T* c_n, TrainingState<T>* state);
+void forward(const std::shared_ptr<const PackedLayer<T>>& layer, const Sequences& sequences,
+             bool reverse, const T* x, const T* h0, const T* c0, T* out, T* h_n, T* c_n,
+             TrainingState<T>* state);
 
 // Gradients of the layer's parameters in torch.nn's layout; each is accumulated (+=).
 template <class T>
@@ -56,8 +82,8 @@ struct ParameterGrads {
 };
 
 // Consumes the state: its gate buffer becomes the gate gradients, so call it once per forward.
-// grad_out [steps, batch, hidden], grad_h_n, grad_c_n [batch, hidden]: each may be nullptr (zeros).
-// Writes grad_x [steps, batch, input], grad_h0 and (LSTM) grad_c0 [batch, hidden].
+// grad_out [rows, hidden], grad_h_n, grad_c_n [batch, hidden]: each may be nullptr (zeros).
+// Writes grad_x [rows, input], grad_h0 and (LSTM) grad_c0 [batch, hidden].
 template <class T>
 void backward(TrainingState<T>& state, const T* grad_out, const T* grad_h_n, const T* grad_c_n,
               T* grad_x, T* grad_h0, T* grad_c0, const ParameterGrads<T>& grads);

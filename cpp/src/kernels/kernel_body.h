@@ -332,6 +332,42 @@ struct LstmForwardEpilogue {
   }
 };
 
+// torch.nn.GRU: r = σ(.), z = σ(.), n = tanh(x·W_inᵀ + b_in + r * (h·W_hnᵀ + b_hn)),
+// h' = (1 - z) * n + z * h = n + z * (h - n).
+template <class V>
+struct GruForwardEpilogue {
+  using T = typename V::value_type;
+  const StepForwardArgs<T>& s;
+
+  template <int MR>
+  FASTRNN_INLINE void operator()(const V (&acc)[MR][3], long row0, long panel) const {
+    const Layout& L = *s.layout;
+    const long hb = L.panel_hidden;
+    const long j = panel * hb;
+    const long n = min_long(V::lanes, L.hidden - j);
+    const V bias_hn = s.bias_hn ? V::load(s.bias_hn + j) : V::zero();
+    FASTRNN_UNROLL
+    for (long r = 0; r < MR; ++r) {
+      const long row = row0 + r;
+      T* gates = s.gates + row * L.gate_stride + panel * 3 * hb;
+      const V reset = sigmoid(acc[r][0] + V::load(gates + 0 * hb));
+      const V update = sigmoid(acc[r][1] + V::load(gates + 1 * hb));
+      const V hidden_n = acc[r][2] + bias_hn;
+      const V candidate = tanh(fma(reset, hidden_n, V::load(gates + 2 * hb)));
+      const V h_prev =
+          s.h_prev && n > 0 ? load_first<V>(s.h_prev + row * s.h_prev_stride + j, n) : V::zero();
+      const V h = fma(update, h_prev - candidate, candidate);
+      if (n > 0) store_first(s.h_next + row * s.h_next_stride + j, h, n);
+      if (s.store_gates) {
+        reset.store(gates + 0 * hb);
+        update.store(gates + 1 * hb);
+        candidate.store(gates + 2 * hb);
+        hidden_n.store(s.hidden_gate + row * L.hidden_padded + j);
+      }
+    }
+  }
+};
+
 template <class V, int U, bool kRelu>
 struct RnnForwardEpilogue {
   using T = typename V::value_type;
@@ -382,6 +418,7 @@ void step_forward(const StepForwardArgs<T>& s) {
   using V = typename Simd<T>::type;
   switch (s.layout->cell) {
     case Cell::lstm: run_step_forward<V, 4>(s, LstmForwardEpilogue<V, 1>{s}); break;
+    case Cell::gru: run_step_forward<V, 3>(s, GruForwardEpilogue<V>{s}); break;
     case Cell::rnn_tanh:
       with_vectors(s.layout->panel_vectors,
                    [&]<int U>() { run_step_forward<V, U>(s, RnnForwardEpilogue<V, U, false>{s}); });
@@ -418,6 +455,35 @@ struct LstmBackwardEpilogue {
   }
 };
 
+// dh arrives without the path h_t -> h_{t+1} through z, which the previous step (t+1) left in
+// grad_h_carry. The n gate's gradient differs on the two sides of r * (W_hn·h + b_hn): the gate
+// buffer gets the recurrent side's (for dh_{t-1} and dW_hh), hidden_gate the input side's.
+template <class V>
+struct GruBackwardEpilogue {
+  using T = typename V::value_type;
+  FASTRNN_INLINE void operator()(const StepBackwardArgs<T>& s, V dh, long row, long j) const {
+    const Layout& L = *s.layout;
+    const long hb = L.panel_hidden;
+    T* gates = s.gates + row * L.gate_stride + (j / hb) * 3 * hb + j % hb;
+    const long state = row * L.hidden_padded + j;
+    const long n = min_long(V::lanes, L.hidden - j);
+    const V one = V::set1(1);
+    const V reset = V::load(gates + 0 * hb), update = V::load(gates + 1 * hb);
+    const V candidate = V::load(gates + 2 * hb);
+    const V hidden_n = V::load(s.hidden_gate + state);
+    const V h_prev = n > 0 ? load_first<V>(s.h_prev + row * L.hidden + j, n) : V::zero();
+    dh = dh + V::load(s.grad_h_carry + state);
+    const V grad_candidate = dh * (one - update) * (one - candidate * candidate);
+    const V grad_update = dh * (h_prev - candidate) * update * (one - update);
+    const V grad_reset = grad_candidate * hidden_n * reset * (one - reset);
+    (dh * update).store(s.grad_h_carry + state);
+    grad_reset.store(gates + 0 * hb);
+    grad_update.store(gates + 1 * hb);
+    (grad_candidate * reset).store(gates + 2 * hb);
+    grad_candidate.store(s.hidden_gate + state);
+  }
+};
+
 template <class V, bool kRelu>
 struct RnnBackwardEpilogue {
   using T = typename V::value_type;
@@ -438,15 +504,20 @@ void run_step_backward(const StepBackwardArgs<typename V::value_type>& s,
   constexpr long W = V::lanes;
   const Layout& L = *s.layout;
   const PackedPanels<T>& w = *s.w_hh_t;
-  const long k_count = s.grad_gates_next ? w.rows : 0;
+  const long next_batch = min_long(s.next_batch, s.batch);
   for (long col0 = s.col_begin; col0 < s.col_end; col0 += w.panel_width) {
     const long width = min_long(w.panel_width, w.cols - col0);
     const T* panel = w.data + (col0 / w.panel_width) * w.rows * w.panel_width;
-    for (long row0 = 0; row0 < s.batch; row0 += MR) {
-      with_rows<MR>(min_long(MR, s.batch - row0), [&]<int R>() {
+    // Rows [0, next_batch) continue to step t+1 and take its gradient through W_hh; the others end
+    // here and take dL/dh_n instead. Row blocks never straddle the two.
+    for (long row0 = 0; row0 < s.batch;) {
+      const bool continues = row0 < next_batch;
+      const long rows = min_long(MR, (continues ? next_batch : s.batch) - row0);
+      with_rows<MR>(rows, [&]<int R>() {
         with_vectors(width / W, [&]<int NV>() {
           V acc[R][NV];
-          const T* a = k_count ? s.grad_gates_next + row0 * L.gate_stride : nullptr;
+          const long k_count = continues ? w.rows : 0;
+          const T* a = continues ? s.grad_gates_next + row0 * L.gate_stride : nullptr;
           multiply_panel<V, R, NV>(k_count, a, L.gate_stride, 1, panel, acc);
           for (long r = 0; r < R; ++r) {
             const long row = row0 + r;
@@ -457,13 +528,14 @@ void run_step_backward(const StepBackwardArgs<typename V::value_type>& s,
               V dh = acc[r][v];
               if (n > 0 && s.grad_out)
                 dh = dh + load_first<V>(s.grad_out + row * s.grad_out_stride + j, n);
-              if (n > 0 && s.grad_h_last)
+              if (n > 0 && !continues && s.grad_h_last)
                 dh = dh + load_first<V>(s.grad_h_last + row * L.hidden + j, n);
               epilogue(s, dh, row, j);
             }
           }
         });
       });
+      row0 += rows;
     }
   }
 }
@@ -473,6 +545,7 @@ void step_backward(const StepBackwardArgs<T>& s) {
   using V = typename Simd<T>::type;
   switch (s.layout->cell) {
     case Cell::lstm: run_step_backward<V>(s, LstmBackwardEpilogue<V>{}); break;
+    case Cell::gru: run_step_backward<V>(s, GruBackwardEpilogue<V>{}); break;
     case Cell::rnn_tanh: run_step_backward<V>(s, RnnBackwardEpilogue<V, false>{}); break;
     case Cell::rnn_relu: run_step_backward<V>(s, RnnBackwardEpilogue<V, true>{}); break;
   }
