@@ -141,13 +141,25 @@ class State {
 
 template <class T>
 Layer pack_typed(Cell cell, const py::array& w_ih_in, const py::array& w_hh_in,
-                 const std::optional<py::array>& b_ih_in, const std::optional<py::array>& b_hh_in) {
+                 const std::optional<py::array>& b_ih_in, const std::optional<py::array>& b_hh_in,
+                 const std::optional<py::array>& w_hr_in) {
   const long gates = cell == Cell::lstm ? 4 : cell == Cell::gru ? 3 : 1;
   CArray<T> w_ih = as_array<T>(w_ih_in, "weight_ih"), w_hh = as_array<T>(w_hh_in, "weight_hh");
-  if (w_hh.ndim() != 2 || w_hh.shape(1) < 1 || w_hh.shape(0) != gates * w_hh.shape(1))
-    throw py::value_error("weight_hh must have shape (" + std::to_string(gates) +
-                          "*hidden_size, hidden_size), got " + shape_string(shape_of(w_hh)));
-  const long hidden = static_cast<long>(w_hh.shape(1));
+  std::optional<CArray<T>> w_hr;
+  if (w_hr_in) {
+    if (cell != Cell::lstm) throw py::value_error("weight_hr (a projection) is for the LSTM only");
+    w_hr = as_array<T>(*w_hr_in, "weight_hr");
+    if (w_hr->ndim() != 2 || w_hr->shape(0) < 1 || w_hr->shape(1) < 1)
+      throw py::value_error("weight_hr must have shape (proj_size, hidden_size), got " +
+                            shape_string(shape_of(*w_hr)));
+  }
+  // Without a projection W_hh is (G*H, H); with one, (G*H, P) and W_hr is (P, H).
+  const long hidden = static_cast<long>(w_hr ? w_hr->shape(1) : w_hh.shape(1));
+  const long output = static_cast<long>(w_hr ? w_hr->shape(0) : hidden);
+  if (w_hh.ndim() != 2 || w_hh.shape(0) != gates * hidden || w_hh.shape(1) != output || hidden < 1)
+    throw py::value_error("weight_hh must have shape (" + std::to_string(gates) + "*hidden_size, " +
+                          (w_hr ? "proj_size" : "hidden_size") + "), got " +
+                          shape_string(shape_of(w_hh)));
   if (w_ih.ndim() != 2 || w_ih.shape(0) != gates * hidden || w_ih.shape(1) < 1)
     throw py::value_error("weight_ih must have shape (" + std::to_string(gates * hidden) +
                           ", input_size), got " + shape_string(shape_of(w_ih)));
@@ -157,8 +169,8 @@ Layer pack_typed(Cell cell, const py::array& w_ih_in, const py::array& w_hh_in,
   const IsaKernels& isa = active_isa();
   Layer layer;
   py::gil_scoped_release release;
-  auto packed = pack_layer<T>(isa, cell, input, hidden, w_ih.data(), w_hh.data(),
-                              data_or_null(b_ih), data_or_null(b_hh));
+  auto packed = pack_layer<T>(isa, cell, input, hidden, output, w_ih.data(), w_hh.data(),
+                              data_or_null(b_ih), data_or_null(b_hh), data_or_null(w_hr));
   if constexpr (std::is_same_v<T, float>)
     layer.f32 = std::move(packed);
   else
@@ -167,10 +179,11 @@ Layer pack_typed(Cell cell, const py::array& w_ih_in, const py::array& w_hh_in,
 }
 
 Layer pack(const std::string& cell_name_in, const py::array& w_ih, const py::array& w_hh,
-           const std::optional<py::array>& b_ih, const std::optional<py::array>& b_hh) {
+           const std::optional<py::array>& b_ih, const std::optional<py::array>& b_hh,
+           const std::optional<py::array>& w_hr) {
   const Cell cell = parse_cell(cell_name_in);
-  if (has_dtype<float>(w_ih)) return pack_typed<float>(cell, w_ih, w_hh, b_ih, b_hh);
-  if (has_dtype<double>(w_ih)) return pack_typed<double>(cell, w_ih, w_hh, b_ih, b_hh);
+  if (has_dtype<float>(w_ih)) return pack_typed<float>(cell, w_ih, w_hh, b_ih, b_hh, w_hr);
+  if (has_dtype<double>(w_ih)) return pack_typed<double>(cell, w_ih, w_hh, b_ih, b_hh, w_hr);
   throw py::type_error("weight_ih must be float32 or float64, got " +
                        std::string(py::str(w_ih.dtype())));
 }
@@ -222,13 +235,13 @@ py::tuple forward_typed(const Layer& layer, const py::array& x_in,
   const bool lstm = L.cell == Cell::lstm;
   CArray<T> x = as_array<T>(x_in, "x");
   const Sequences seq = sequences_of(x, batch_sizes, L.input);
-  const std::vector<py::ssize_t> state_shape{seq.batch, L.hidden};
+  const std::vector<py::ssize_t> h_shape{seq.batch, L.output}, c_shape{seq.batch, L.hidden};
   if (c0_in && !lstm) throw py::value_error("c0 is only for the LSTM");
-  const auto h0 = optional_input<T>(h0_in, state_shape, "h0");
-  const auto c0 = optional_input<T>(c0_in, state_shape, "c0");
-  CArray<T> out(rows_shape(seq, batch_sizes.has_value(), L.hidden)), h_n(state_shape);
+  const auto h0 = optional_input<T>(h0_in, h_shape, "h0");
+  const auto c0 = optional_input<T>(c0_in, c_shape, "c0");
+  CArray<T> out(rows_shape(seq, batch_sizes.has_value(), L.output)), h_n(h_shape);
   std::optional<CArray<T>> c_n;
-  if (lstm) c_n.emplace(state_shape);
+  if (lstm) c_n.emplace(c_shape);
   std::unique_ptr<TrainingState<T>> state;
   if (training) state = std::make_unique<TrainingState<T>>();
   {
@@ -260,29 +273,32 @@ py::tuple forward_any(const Layer& layer, const py::array& x, const std::optiona
 template <class T>
 py::tuple backward_typed(
     TrainingState<T>& state, bool packed, bool& consumed,
-    const std::optional<py::array>& grad_out_in,
-    const std::optional<py::array>& grad_h_n_in, const std::optional<py::array>& grad_c_n_in,
-    const std::optional<py::array>& grad_w_ih, const std::optional<py::array>& grad_w_hh,
-    const std::optional<py::array>& grad_b_ih, const std::optional<py::array>& grad_b_hh) {
+    const std::optional<py::array>& grad_out_in, const std::optional<py::array>& grad_h_n_in,
+    const std::optional<py::array>& grad_c_n_in, const std::optional<py::array>& grad_w_ih,
+    const std::optional<py::array>& grad_w_hh, const std::optional<py::array>& grad_b_ih,
+    const std::optional<py::array>& grad_b_hh, const std::optional<py::array>& grad_w_hr) {
   const Layout& L = state.layer->layout;
-  const bool lstm = L.cell == Cell::lstm;
+  const bool lstm = L.cell == Cell::lstm, projected = state.layer->projected();
   const Sequences& seq = state.sequences;
   const long gate_rows = L.gates * L.hidden;
-  const std::vector<py::ssize_t> state_shape{seq.batch, L.hidden};
+  const std::vector<py::ssize_t> h_shape{seq.batch, L.output}, c_shape{seq.batch, L.hidden};
   if (grad_c_n_in && !lstm) throw py::value_error("grad_c_n is only for the LSTM");
   const auto grad_out =
-      optional_input<T>(grad_out_in, rows_shape(seq, packed, L.hidden), "grad_out");
-  const auto grad_h_n = optional_input<T>(grad_h_n_in, state_shape, "grad_h_n");
-  const auto grad_c_n = optional_input<T>(grad_c_n_in, state_shape, "grad_c_n");
-  if (!grad_w_ih || !grad_w_hh)
-    throw py::value_error("grad_weight_ih and grad_weight_hh are required");
+      optional_input<T>(grad_out_in, rows_shape(seq, packed, L.output), "grad_out");
+  const auto grad_h_n = optional_input<T>(grad_h_n_in, h_shape, "grad_h_n");
+  const auto grad_c_n = optional_input<T>(grad_c_n_in, c_shape, "grad_c_n");
+  if (!grad_w_ih || !grad_w_hh || (projected && !grad_w_hr))
+    throw py::value_error(std::string("grad_weight_ih, grad_weight_hh") +
+                          (projected ? " and grad_weight_hr are" : " are") + " required");
+  if (grad_w_hr && !projected) throw py::value_error("grad_weight_hr is only for a projection");
   ParameterGrads<T> grads{accumulator<T>(grad_w_ih, {gate_rows, L.input}, "grad_weight_ih"),
-                          accumulator<T>(grad_w_hh, {gate_rows, L.hidden}, "grad_weight_hh"),
+                          accumulator<T>(grad_w_hh, {gate_rows, L.output}, "grad_weight_hh"),
                           accumulator<T>(grad_b_ih, {gate_rows}, "grad_bias_ih"),
-                          accumulator<T>(grad_b_hh, {gate_rows}, "grad_bias_hh")};
-  CArray<T> grad_x(rows_shape(seq, packed, L.input)), grad_h0(state_shape);
+                          accumulator<T>(grad_b_hh, {gate_rows}, "grad_bias_hh"),
+                          accumulator<T>(grad_w_hr, {L.output, L.hidden}, "grad_weight_hr")};
+  CArray<T> grad_x(rows_shape(seq, packed, L.input)), grad_h0(h_shape);
   std::optional<CArray<T>> grad_c0;
-  if (lstm) grad_c0.emplace(state_shape);
+  if (lstm) grad_c0.emplace(c_shape);
   consumed = true;  // backward overwrites the saved gates with their gradients
   {
     py::gil_scoped_release release;
@@ -299,15 +315,16 @@ py::tuple backward_any(State& state, const std::optional<py::array>& grad_out,
                        const std::optional<py::array>& grad_w_ih,
                        const std::optional<py::array>& grad_w_hh,
                        const std::optional<py::array>& grad_b_ih,
-                       const std::optional<py::array>& grad_b_hh) {
+                       const std::optional<py::array>& grad_b_hh,
+                       const std::optional<py::array>& grad_w_hr) {
   if (state.consumed)
     throw std::runtime_error(
         "backward was already run for this forward; run a training forward again");
   if (state.f32)
     return backward_typed(*state.f32, state.packed, state.consumed, grad_out, grad_h_n, grad_c_n,
-                          grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh);
+                          grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr);
   return backward_typed(*state.f64, state.packed, state.consumed, grad_out, grad_h_n, grad_c_n,
-                        grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh);
+                        grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr);
 }
 
 template <class T>
@@ -392,12 +409,14 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("cell", [](const Layer& l) { return cell_name(l.layout().cell); })
       .def_property_readonly("input_size", [](const Layer& l) { return l.layout().input; })
       .def_property_readonly("hidden_size", [](const Layer& l) { return l.layout().hidden; })
+      .def_property_readonly("output_size", [](const Layer& l) { return l.layout().output; })
       .def_property_readonly("has_bias", &Layer::has_bias);
   py::class_<State>(m, "TrainingState", "What a training forward keeps for its backward.");
 
   m.def("pack", &pack, py::arg("cell"), py::arg("weight_ih"), py::arg("weight_hh"),
         py::arg("bias_ih") = py::none(), py::arg("bias_hh") = py::none(),
-        "Pack torch.nn-layout weights for the active ISA.");
+        py::arg("weight_hr") = py::none(),
+        "Pack torch.nn-layout weights for the active ISA (weight_hr: the LSTM's projection).");
   m.def("forward", &forward_any, py::arg("layer"), py::arg("x"), py::arg("h0") = py::none(),
         py::arg("c0") = py::none(), py::arg("training") = false,
         py::arg("batch_sizes") = py::none(), py::arg("reverse") = false,
@@ -408,5 +427,6 @@ PYBIND11_MODULE(_core, m) {
         py::arg("grad_h_n") = py::none(), py::arg("grad_c_n") = py::none(),
         py::arg("grad_weight_ih") = py::none(), py::arg("grad_weight_hh") = py::none(),
         py::arg("grad_bias_ih") = py::none(), py::arg("grad_bias_hh") = py::none(),
+        py::arg("grad_weight_hr") = py::none(),
         "Backward through time: returns (dx, dh0, dc0 or None); adds into the parameter grads.");
 }

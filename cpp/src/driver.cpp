@@ -97,7 +97,8 @@ int threads_for(long steps, long step_work) {
   return worth_it ? ThreadPool::global().threads() : 1;
 }
 
-// Rows of a [rows, cols] matrix gathered (dst[r] = src[from[r]]) or scattered (dst[to[r]] = src[r]).
+// Rows of a [rows, cols] matrix gathered (dst[r] = src[from[r]]) or scattered (dst[to[r]] =
+// src[r]).
 template <class T>
 void gather_rows(T* dst, const T* src, const std::vector<long>& from, long cols) {
   for (std::size_t r = 0; r < from.size(); ++r)
@@ -153,14 +154,14 @@ std::vector<long> Sequences::reversed_rows() const {
 }
 
 template <class T>
-void forward(const std::shared_ptr<const PackedLayer<T>>& layer, const Sequences& seq,
-             bool reverse, const T* x_in, const T* h0, const T* c0, T* out_in, T* h_n, T* c_n,
+void forward(const std::shared_ptr<const PackedLayer<T>>& layer, const Sequences& seq, bool reverse,
+             const T* x_in, const T* h0, const T* c0, T* out_in, T* h_n, T* c_n,
              TrainingState<T>* state) {
   const PackedLayer<T>& p = *layer;
   const Layout& L = p.layout;
   const KernelTable<T>& k = *p.kernels;
-  const bool lstm = L.cell == Cell::lstm, gru = L.cell == Cell::gru;
-  const long H = L.hidden, Hp = L.hidden_padded, I = L.input, G = L.gate_stride;
+  const bool lstm = L.cell == Cell::lstm, gru = L.cell == Cell::gru, projected = p.projected();
+  const long H = L.hidden, Hp = L.hidden_padded, I = L.input, G = L.gate_stride, P = L.output;
   const long steps = seq.steps, batch = seq.batch, rows = seq.rows();
   if (state) {
     state->layer = layer;
@@ -178,7 +179,7 @@ void forward(const std::shared_ptr<const PackedLayer<T>>& layer, const Sequences
   if (reverse) {
     reversed = seq.reversed_rows();
     reversed_x.reset(static_cast<std::size_t>(rows * I));
-    reversed_out.reset(static_cast<std::size_t>(rows * H));
+    reversed_out.reset(static_cast<std::size_t>(rows * P));
     gather_rows(reversed_x.data(), x_in, reversed, I);
     x = reversed_x.data();
     out = reversed_out.data();
@@ -187,22 +188,28 @@ void forward(const std::shared_ptr<const PackedLayer<T>>& layer, const Sequences
   // x·W_ihᵀ for a chunk of time steps at a time and alternates two cell states.
   const long chunk_steps =
       state ? steps : std::clamp(kInferenceGateElements / (batch * G), 1L, steps);
-  AlignedBuffer<T> inference_gates, inference_c;
+  // With a projection the step writes h_full = o * tanh(c), and a GEMM then makes h = h_full·W_hrᵀ.
+  AlignedBuffer<T> inference_gates, inference_c, inference_h_full;
   T* gates = nullptr;
   T* c_all = nullptr;
+  T* h_full = nullptr;
   if (state) {
     state->gates.reset(static_cast<std::size_t>(rows * G));
-    state->h.reset(static_cast<std::size_t>((batch + rows) * H));
+    state->h.reset(static_cast<std::size_t>((batch + rows) * P));
     if (lstm) state->c.reset(static_cast<std::size_t>((batch + rows) * Hp));
     if (gru) state->hidden_gate.reset(static_cast<std::size_t>(rows * Hp));
+    if (projected) state->h_full.reset(static_cast<std::size_t>(rows * H));
     if (!reverse) state->x.reset(static_cast<std::size_t>(rows * I));
     gates = state->gates.data();
     c_all = state->c.data();
+    h_full = state->h_full.data();
   } else {
     inference_gates.reset(static_cast<std::size_t>(chunk_steps * batch * G));
     if (lstm) inference_c.reset(static_cast<std::size_t>(2 * batch * Hp));
+    if (projected) inference_h_full.reset(static_cast<std::size_t>(batch * H));
     gates = inference_gates.data();
     c_all = inference_c.data();
+    h_full = inference_h_full.data();
   }
   // Cell states live in rows padded to hidden_padded, so the kernels read and write whole vectors.
   // Training keeps c0 and then each row's c in row order; inference alternates two buffers, where
@@ -223,16 +230,18 @@ void forward(const std::shared_ptr<const PackedLayer<T>>& layer, const Sequences
   const bool batch_split = batch >= kBatchSplitRows * threads;
   ThreadPool::global().run(threads, [&](const ThreadContext& ctx) {
     FlushDenormalsScope flush_denormals;
-    long row0 = 0, row1 = batch, panel0 = 0, panel1 = L.panels;
-    if (batch_split)
+    long row0 = 0, row1 = batch, panel0 = 0, panel1 = L.panels, proj0 = 0, proj1 = 0;
+    if (batch_split) {
       ctx.split(batch, 1, row0, row1);
-    else
+    } else {
       ctx.split(L.panels, 1, panel0, panel1);
+      if (projected) ctx.split(panel_count(p.w_hr_panels), 1, proj0, proj1);
+    }
 
     StepForwardArgs<T> step{};
     step.layout = &L;
     step.w_hh = p.w_hh.data();
-    step.h_prev_stride = H;
+    step.h_prev_stride = P;
     step.h_next_stride = H;
     step.store_gates = state != nullptr;
     step.bias_hn = p.bias_hn.size() ? p.bias_hn.data() : nullptr;
@@ -258,8 +267,10 @@ void forward(const std::shared_ptr<const PackedLayer<T>>& layer, const Sequences
       }
       const long row = seq.offset[t] + row0;
       step.batch = std::max(0L, std::min(row1, seq.sizes[t]) - row0);
-      step.h_prev = t > 0 ? out + (seq.offset[t - 1] + row0) * H : h0 ? h0 + row0 * H : nullptr;
-      step.h_next = out + row * H;
+      step.h_prev = t > 0 ? out + (seq.offset[t - 1] + row0) * P : h0 ? h0 + row0 * P : nullptr;
+      // h_full's rows: the step's own in training, one buffer of batch rows in inference.
+      T* h_full_t = h_full + (state ? seq.offset[t] : 0) * H;
+      step.h_next = projected ? h_full_t + row0 * H : out + row * H;
       step.gates = gates + (state ? row : row - chunk_row0) * G;
       if (lstm) {
         step.c_prev = c_before(t) + row0 * Hp;
@@ -267,15 +278,32 @@ void forward(const std::shared_ptr<const PackedLayer<T>>& layer, const Sequences
       }
       if (gru && state) step.hidden_gate = state->hidden_gate.data() + row * Hp;
       if (step.batch > 0 && panel0 < panel1) k.step_forward(step);
-      if (!batch_split) ctx.sync();  // h_t is complete before anyone reads it
+      if (!batch_split) ctx.sync();  // h_t (h_full) is complete before anyone reads it
+      if (projected && batch_split) {
+        if (step.batch > 0)
+          k.gemm({step.batch,
+                  P,
+                  H,
+                  {h_full_t + row0 * H, H, 1},
+                  &p.w_hr_panels,
+                  out + row * P,
+                  P,
+                  false,
+                  nullptr,
+                  nullptr});
+      } else if (projected) {
+        gemm_panels(k, seq.sizes[t], P, H, {h_full_t, H, 1}, p.w_hr_panels, proj0, proj1,
+                    GemmOutput<T>{out + seq.offset[t] * P, P});
+        ctx.sync();
+      }
     }
   });
 
   // Each sequence's final state is its row at its last step.
   for (long b = 0; b < batch; ++b) {
     const long last = seq.length[b] - 1;
-    std::memcpy(h_n + b * H, out + (seq.offset[last] + b) * H,
-                static_cast<std::size_t>(H) * sizeof(T));
+    std::memcpy(h_n + b * P, out + (seq.offset[last] + b) * P,
+                static_cast<std::size_t>(P) * sizeof(T));
     if (lstm && c_n)
       std::memcpy(c_n + b * H, c_after(last) + b * Hp, static_cast<std::size_t>(H) * sizeof(T));
   }
@@ -286,12 +314,12 @@ void forward(const std::shared_ptr<const PackedLayer<T>>& layer, const Sequences
       std::memcpy(state->x.data(), x, state->x.size() * sizeof(T));
     T* h_all = state->h.data();
     if (h0)
-      std::memcpy(h_all, h0, static_cast<std::size_t>(batch * H) * sizeof(T));
+      std::memcpy(h_all, h0, static_cast<std::size_t>(batch * P) * sizeof(T));
     else
-      std::fill(h_all, h_all + batch * H, T(0));
-    std::memcpy(h_all + batch * H, out, static_cast<std::size_t>(rows * H) * sizeof(T));
+      std::fill(h_all, h_all + batch * P, T(0));
+    std::memcpy(h_all + batch * P, out, static_cast<std::size_t>(rows * P) * sizeof(T));
   }
-  if (reverse) scatter_rows(out_in, out, reversed, H);
+  if (reverse) scatter_rows(out_in, out, reversed, P);
 }
 
 template <class T>
@@ -300,10 +328,10 @@ void backward(TrainingState<T>& state, const T* grad_out_in, const T* grad_h_n, 
   const PackedLayer<T>& p = *state.layer;
   const Layout& L = p.layout;
   const KernelTable<T>& k = *p.kernels;
-  const bool lstm = L.cell == Cell::lstm, gru = L.cell == Cell::gru;
+  const bool lstm = L.cell == Cell::lstm, gru = L.cell == Cell::gru, projected = p.projected();
   const Sequences& seq = state.sequences;
   const long steps = seq.steps, batch = seq.batch, rows = seq.rows();
-  const long H = L.hidden, Hp = L.hidden_padded, I = L.input, G = L.gate_stride;
+  const long H = L.hidden, Hp = L.hidden_padded, I = L.input, G = L.gate_stride, P = L.output;
   if (batch == 0) return;
 
   // A reverse layer's state is in processing order: so are the gradients, until the end.
@@ -314,8 +342,8 @@ void backward(TrainingState<T>& state, const T* grad_out_in, const T* grad_h_n, 
   if (state.reverse) {
     reversed = seq.reversed_rows();
     if (grad_out_in) {
-      reversed_grad_out.reset(static_cast<std::size_t>(rows * H));
-      gather_rows(reversed_grad_out.data(), grad_out_in, reversed, H);
+      reversed_grad_out.reset(static_cast<std::size_t>(rows * P));
+      gather_rows(reversed_grad_out.data(), grad_out_in, reversed, P);
       grad_out = reversed_grad_out.data();
     }
     reversed_grad_x.reset(static_cast<std::size_t>(rows * I));
@@ -344,7 +372,18 @@ void backward(TrainingState<T>& state, const T* grad_out_in, const T* grad_h_n, 
   const PackedPanels<T> x_panels =
       pack_panels(x_storage, rows, I, panel, L.lanes, [&](long r, long j) { return x[r * I + j]; });
   const PackedPanels<T> h_panels = pack_panels(
-      h_storage, rows, H, panel, L.lanes, [&](long r, long j) { return h[h_prev_row[r] * H + j]; });
+      h_storage, rows, P, panel, L.lanes, [&](long r, long j) { return h[h_prev_row[r] * P + j]; });
+  // A projection's backward first makes dL/dh_t [rows, P], then the step multiplies it by W_hr;
+  // dW_hr = dhᵀ·h_full.
+  AlignedBuffer<T> h_full_storage, grad_h;
+  PackedPanels<T> h_full_panels{};
+  if (projected) {
+    const T* h_full = state.h_full.data();
+    h_full_panels = pack_panels(h_full_storage, rows, H, panel, L.lanes,
+                                [&](long r, long j) { return h_full[r * H + j]; });
+    grad_h.reset(static_cast<std::size_t>(rows * P));
+  }
+  const PackedPanels<T>& w_step = projected ? p.w_hr_t_panels : p.w_hh_t_panels;
 
   // Allocated here: nothing may throw inside the parallel region.
   AlignedBuffer<T> bias_sum(static_cast<std::size_t>(G));
@@ -353,19 +392,38 @@ void backward(TrainingState<T>& state, const T* grad_out_in, const T* grad_h_n, 
   const bool batch_split = batch >= kBatchSplitRows * threads;
   ThreadPool::global().run(threads, [&](const ThreadContext& ctx) {
     FlushDenormalsScope flush_denormals;
-    long row0 = 0, row1 = batch, col0 = 0, col1 = p.w_hh_t_panels.cols;
+    long row0 = 0, row1 = batch, col0 = 0, col1 = w_step.cols, proj0 = 0, proj1 = 0;
     if (batch_split) {
       ctx.split(batch, 1, row0, row1);
     } else {
-      ctx.split(panel_count(p.w_hh_t_panels), 1, col0, col1);
-      col0 = std::min(col0 * p.w_hh_t_panels.panel_width, p.w_hh_t_panels.cols);
-      col1 = std::min(col1 * p.w_hh_t_panels.panel_width, p.w_hh_t_panels.cols);
+      ctx.split(panel_count(w_step), 1, col0, col1);
+      col0 = std::min(col0 * w_step.panel_width, w_step.cols);
+      col1 = std::min(col1 * w_step.panel_width, w_step.cols);
+      if (projected) ctx.split(panel_count(p.w_hh_t_panels), 1, proj0, proj1);
     }
+    // dL/dh_t [rows r0..r1, columns of panels proj0..proj1 of W_hh]: dG_{t+1}·W_hh for the rows
+    // that continue, dL/dh_n for those that end, plus the output's gradient.
+    auto projected_grad_h = [&](long t, long r0, long r1, long q0, long q1) {
+      const long next = t + 1 < steps ? seq.sizes[t + 1] : 0;
+      const long c0 = std::min(q0 * p.w_hh_t_panels.panel_width, P);
+      const long c1 = std::min(q1 * p.w_hh_t_panels.panel_width, P);
+      T* dh = grad_h.data() + seq.offset[t] * P;
+      if (std::min(r1, next) > r0)
+        gemm_panels(k, std::min(r1, next) - r0, P, G, {dgates + (seq.offset[t + 1] + r0) * G, G, 1},
+                    p.w_hh_t_panels, q0, q1, GemmOutput<T>{dh + r0 * P, P});
+      for (long r = r0; r < r1; ++r)
+        for (long j = c0; j < c1; ++j) {
+          T value = r < next ? dh[r * P + j] : grad_h_n ? grad_h_n[r * P + j] : T(0);
+          if (grad_out) value += grad_out[(seq.offset[t] + r) * P + j];
+          dh[r * P + j] = value;
+        }
+    };
     StepBackwardArgs<T> step{};
     step.layout = &L;
-    step.w_hh_t = &p.w_hh_t_panels;
-    step.grad_out_stride = H;
-    step.grad_h_last = grad_h_n ? grad_h_n + row0 * H : nullptr;
+    step.w_hh_t = &w_step;
+    step.grad_gates_next_stride = projected ? P : G;
+    step.grad_out_stride = P;
+    step.grad_h_last = grad_h_n && !projected ? grad_h_n + row0 * P : nullptr;
     step.grad_c = grad_c.data() + row0 * Hp;
     if (gru) step.grad_h_carry = grad_h_carry.data() + row0 * Hp;
     step.col_begin = col0;
@@ -375,12 +433,24 @@ void backward(TrainingState<T>& state, const T* grad_out_in, const T* grad_h_n, 
       const long prev = t > 0 ? batch + seq.offset[t - 1] + row0 : row0;  // of h and c
       const long next_size = t + 1 < steps ? seq.sizes[t + 1] : 0;
       step.batch = std::max(0L, std::min(row1, seq.sizes[t]) - row0);
-      step.next_batch = std::max(0L, next_size - row0);
-      step.grad_gates_next = step.next_batch > 0 ? dgates + (seq.offset[t + 1] + row0) * G : nullptr;
-      step.grad_out = grad_out ? grad_out + row * H : nullptr;
+      if (projected) {
+        if (batch_split) {
+          projected_grad_h(t, row0, row0 + step.batch, 0, panel_count(p.w_hh_t_panels));
+        } else {
+          projected_grad_h(t, 0, seq.sizes[t], proj0, proj1);
+          ctx.sync();
+        }
+        step.next_batch = step.batch;
+        step.grad_gates_next = grad_h.data() + row * P;
+      } else {
+        step.next_batch = std::max(0L, next_size - row0);
+        step.grad_gates_next =
+            step.next_batch > 0 ? dgates + (seq.offset[t + 1] + row0) * G : nullptr;
+        step.grad_out = grad_out ? grad_out + row * P : nullptr;
+      }
       step.gates = dgates + row * G;
-      step.h = h + (batch + row) * H;
-      step.h_prev = h + prev * H;
+      step.h = h + (batch + row) * P;
+      step.h_prev = h + prev * P;
       if (lstm) {
         step.c = state.c.data() + (batch + row) * Hp;
         step.c_prev = state.c.data() + prev * Hp;
@@ -409,9 +479,12 @@ void backward(TrainingState<T>& state, const T* grad_out_in, const T* grad_h_n, 
     };
     // dh0 = dG_0 · W_hh and dW_hh += dGᵀ·h_prev, added straight into torch.nn's rows (the packed
     // gate columns are in panel order: torch_row maps them back, padding dropped).
-    gemm_part(k, ctx, batch, H, G, {dgates, G, 1}, p.w_hh_t_panels, GemmOutput<T>{grad_h0, H});
-    gemm_part(k, ctx, G, H, rows, {dgates, 1, G}, h_panels,
-              GemmOutput<T>{grads.w_hh, H, nullptr, true, torch_row});
+    gemm_part(k, ctx, batch, P, G, {dgates, G, 1}, p.w_hh_t_panels, GemmOutput<T>{grad_h0, P});
+    gemm_part(k, ctx, G, P, rows, {dgates, 1, G}, h_panels,
+              GemmOutput<T>{grads.w_hh, P, nullptr, true, torch_row});
+    if (projected)
+      gemm_part(k, ctx, P, H, rows, {grad_h.data(), 1, P}, h_full_panels,
+                GemmOutput<T>{grads.w_hr, H, nullptr, true});
     if (gru) {
       // The input side differs in the n gate: put its gradient into the n columns.
       add_bias_grads(nullptr, grads.b_hh);
@@ -421,7 +494,8 @@ void backward(TrainingState<T>& state, const T* grad_out_in, const T* grad_h_n, 
       const long hb = L.panel_hidden;
       for (long r = r0; r < r1; ++r)
         for (long q = 0; q < L.panels; ++q)
-          std::memcpy(dgates + r * G + q * 3 * hb + 2 * hb, state.hidden_gate.data() + r * Hp + q * hb,
+          std::memcpy(dgates + r * G + q * 3 * hb + 2 * hb,
+                      state.hidden_gate.data() + r * Hp + q * hb,
                       static_cast<std::size_t>(hb) * sizeof(T));
       ctx.sync();
       add_bias_grads(grads.b_ih, nullptr);

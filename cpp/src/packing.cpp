@@ -17,9 +17,10 @@ const KernelTable<double>& table_of(const IsaKernels& isa) {
   return isa.f64;
 }
 
-Layout make_layout(Cell cell, long input, long hidden, int lanes) {
+Layout make_layout(Cell cell, long input, long hidden, long output, int lanes) {
   Layout L{};
   L.cell = cell;
+  L.output = output;
   L.gates = cell == Cell::lstm ? 4 : cell == Cell::gru ? 3 : 1;
   L.input = input;
   L.hidden = hidden;
@@ -39,14 +40,18 @@ Layout make_layout(Cell cell, long input, long hidden, int lanes) {
 
 template <class T>
 std::shared_ptr<const PackedLayer<T>> pack_layer(const IsaKernels& isa, Cell cell, long input,
-                                                 long hidden, const T* w_ih, const T* w_hh,
-                                                 const T* b_ih, const T* b_hh) {
-  if (input < 1 || hidden < 1) throw std::invalid_argument("input and hidden sizes must be >= 1");
+                                                 long hidden, long output, const T* w_ih,
+                                                 const T* w_hh, const T* b_ih, const T* b_hh,
+                                                 const T* w_hr) {
+  if (input < 1 || hidden < 1 || output < 1)
+    throw std::invalid_argument("input, hidden and projection sizes must be >= 1");
+  if ((w_hr != nullptr) != (output != hidden) || (w_hr && cell != Cell::lstm))
+    throw std::invalid_argument("a projection is for the LSTM, with its weight_hr");
   auto packed = std::make_shared<PackedLayer<T>>();
   PackedLayer<T>& p = *packed;
   p.isa = &isa;
   p.kernels = &table_of<T>(isa);
-  p.layout = make_layout(cell, input, hidden, p.kernels->lanes);
+  p.layout = make_layout(cell, input, hidden, output, p.kernels->lanes);
   p.has_bias = b_ih != nullptr || b_hh != nullptr;
   const Layout& L = p.layout;
   const long lanes = L.lanes;
@@ -60,9 +65,9 @@ std::shared_ptr<const PackedLayer<T>> pack_layer(const IsaKernels& isa, Cell cel
         return row < 0 ? T(0) : w_ih[row * input + k];
       });
   p.w_hh_panels =
-      pack_panels(p.w_hh, hidden, L.gate_stride, gate_panel, lanes, [&](long k, long col) {
+      pack_panels(p.w_hh, output, L.gate_stride, gate_panel, lanes, [&](long k, long col) {
         const long row = torch_row_of_gate_column(L, col);
-        return row < 0 ? T(0) : w_hh[row * hidden + k];
+        return row < 0 ? T(0) : w_hh[row * output + k];
       });
   // Backward: gate columns (as rows, K) x input / hidden units.
   p.w_ih_t_panels =
@@ -70,11 +75,20 @@ std::shared_ptr<const PackedLayer<T>> pack_layer(const IsaKernels& isa, Cell cel
         const long row = torch_row_of_gate_column(L, col);
         return row < 0 ? T(0) : w_ih[row * input + n];
       });
-  p.w_hh_t_panels = pack_panels(p.w_hh_t, L.gate_stride, L.hidden_padded, generic_panel, lanes,
+  // Without a projection its columns line up with the hidden panels of the backward step.
+  const long w_hh_t_cols = w_hr ? output : L.hidden_padded;
+  p.w_hh_t_panels = pack_panels(p.w_hh_t, L.gate_stride, w_hh_t_cols, generic_panel, lanes,
                                 [&](long col, long n) {
                                   const long row = torch_row_of_gate_column(L, col);
-                                  return row < 0 || n >= hidden ? T(0) : w_hh[row * hidden + n];
+                                  return row < 0 || n >= output ? T(0) : w_hh[row * output + n];
                                 });
+  if (w_hr) {  // h = W_hr·h_full: forward K = hidden x N = output; backward K = output x N = hidden
+    p.w_hr_panels = pack_panels(p.w_hr, hidden, output, generic_panel, lanes,
+                                [&](long k, long n) { return w_hr[n * hidden + k]; });
+    p.w_hr_t_panels =
+        pack_panels(p.w_hr_t, output, L.hidden_padded, generic_panel, lanes,
+                    [&](long k, long j) { return j < hidden ? w_hr[k * hidden + j] : T(0); });
+  }
   // The GRU's b_hn is applied inside r * (W_hn·h + b_hn): it gets its own vector.
   const bool gru = cell == Cell::gru;
   const long hn_row0 = 2 * hidden;  // torch.nn.GRU's rows: r, z, n
@@ -97,10 +111,12 @@ std::shared_ptr<const PackedLayer<T>> pack_layer(const IsaKernels& isa, Cell cel
 }
 
 template std::shared_ptr<const PackedLayer<float>> pack_layer(const IsaKernels&, Cell, long, long,
+                                                              long, const float*, const float*,
                                                               const float*, const float*,
-                                                              const float*, const float*);
+                                                              const float*);
 template std::shared_ptr<const PackedLayer<double>> pack_layer(const IsaKernels&, Cell, long, long,
+                                                               long, const double*, const double*,
                                                                const double*, const double*,
-                                                               const double*, const double*);
+                                                               const double*);
 
 }  // namespace fastrnn

@@ -23,10 +23,11 @@ enum class Activation : int { sigmoid = 0, tanh = 1, relu = 2 };
 // with rows of `gate_stride` = gates * hidden_padded elements.
 struct Layout {
   Cell cell;
-  int gates;           // G: 1 (RNN), 3 (GRU: r, z, n), 4 (LSTM: i, f, g, o)
-  long input;          // I
-  long hidden;         // H
-  int lanes;           // W: SIMD width of the dtype on the ISA
+  int gates;    // G: 1 (RNN), 3 (GRU: r, z, n), 4 (LSTM: i, f, g, o)
+  long input;   // I
+  long hidden;  // H
+  long output;  // P: size of h, the layer's output (LSTM with projection: W_hr's rows; else H)
+  int lanes;    // W: SIMD width of the dtype on the ISA
   int panel_vectors;   // U: vectors of hidden units per gate in a panel
   long panel_hidden;   // U * W
   long hidden_padded;  // H rounded up to panel_hidden
@@ -74,14 +75,14 @@ template <class T>
 struct StepForwardArgs {
   const Layout* layout;
   long batch;
-  const T* h_prev;  // [batch, hidden], row stride h_prev_stride; nullptr: zeros
+  const T* h_prev;  // [batch, output], row stride h_prev_stride; nullptr: zeros
   long h_prev_stride;
-  const T* w_hh;  // gate-interleaved panels, hidden rows each
-  T* gates;       // [batch, gate_stride]: in x·W_ihᵀ + biases; out post-activation gates (LSTM,
-                  // GRU; if store_gates)
+  const T* w_hh;    // gate-interleaved panels, output rows each
+  T* gates;         // [batch, gate_stride]: in x·W_ihᵀ + biases; out post-activation gates (LSTM,
+                    // GRU; if store_gates)
   const T* c_prev;  // [batch, hidden_padded] (LSTM)
   T* c_next;        // [batch, hidden_padded] (LSTM)
-  T* h_next;        // [batch, hidden], row stride h_next_stride
+  T* h_next;        // [batch, hidden], row stride h_next_stride (before the projection, if any)
   long h_next_stride;
   bool store_gates;
   // GRU: the n gate's recurrent bias b_hn [hidden_padded] stays inside r * (W_hn·h + b_hn), so it
@@ -95,13 +96,15 @@ struct StepForwardArgs {
 // One time step backward for hidden columns [col_begin, col_end) of w_hh_t (multiples of its panel
 // width): dh_t = grad_out_t + dG_{t+1} · W_hh for the rows that continue to step t+1 (row <
 // next_batch), dh_t = grad_out_t + dL/dh_n for the rows whose sequence ends at t; then the cell's
-// gate gradients in the epilogue.
+// gate gradients in the epilogue. With a projection the driver computes dL/dh_t (P) first, and
+// the step multiplies it by W_hr instead: grad_gates_next = dL/dh_t, w_hh_t = W_hr.
 template <class T>
 struct StepBackwardArgs {
   const Layout* layout;
   long batch;
   long next_batch;                // rows of grad_gates_next (0 at the last step)
-  const T* grad_gates_next;       // dG_{t+1} [next_batch, gate_stride]
+  const T* grad_gates_next;       // dG_{t+1} [next_batch, grad_gates_next_stride]
+  long grad_gates_next_stride;    // gate_stride
   const PackedPanels<T>* w_hh_t;  // rows gate_stride (panel column order), cols hidden_padded
   const T* grad_out;              // dL/dh_t from the layer output [batch, hidden] or nullptr
   long grad_out_stride;
@@ -109,12 +112,12 @@ struct StepBackwardArgs {
   T* gates;    // in: post-activation gates at t (LSTM, GRU); out: dG_t (pre-activation grads; GRU:
                // those of W_hh·h + b_hh)
   const T* h;  // h_t [batch, hidden] (RNN derivative)
-  const T* h_prev;    // h_{t-1} [batch, hidden] (GRU)
-  const T* c;         // c_t [batch, hidden_padded] (LSTM)
-  const T* c_prev;    // c_{t-1} [batch, hidden_padded] (LSTM)
-  T* grad_c;          // in: dL/dc_t; out: dL/dc_{t-1} [batch, hidden_padded] (LSTM)
-  T* hidden_gate;     // in: W_hn·h + b_hn; out: the n gate's gradient on the input side (GRU)
-  T* grad_h_carry;    // in: z_{t+1} * dL/dh_{t+1}; out: z_t * dL/dh_t [batch, hidden_padded] (GRU)
+  const T* h_prev;  // h_{t-1} [batch, hidden] (GRU)
+  const T* c;       // c_t [batch, hidden_padded] (LSTM)
+  const T* c_prev;  // c_{t-1} [batch, hidden_padded] (LSTM)
+  T* grad_c;        // in: dL/dc_t; out: dL/dc_{t-1} [batch, hidden_padded] (LSTM)
+  T* hidden_gate;   // in: W_hn·h + b_hn; out: the n gate's gradient on the input side (GRU)
+  T* grad_h_carry;  // in: z_{t+1} * dL/dh_{t+1}; out: z_t * dL/dh_t [batch, hidden_padded] (GRU)
   long col_begin, col_end;
 };
 

@@ -18,18 +18,23 @@ struct PackedLayer {
   bool has_bias;
   AlignedBuffer<T> w_ih, w_hh;      // gate-interleaved panels (forward): K = input / hidden
   AlignedBuffer<T> w_ih_t, w_hh_t;  // panels of W_ih and W_hh for dX = dG·W_ih and dh = dG·W_hh
+  AlignedBuffer<T> w_hr, w_hr_t;    // LSTM projection: panels of W_hrᵀ (h = h_full·W_hrᵀ) and W_hr
   AlignedBuffer<T> bias;            // b_ih + b_hh in panel column order, gate_stride long
                                     // (GRU: b_in alone in the n gate's columns)
   AlignedBuffer<T> bias_hn;         // GRU: b_hn, hidden_padded long (empty without bias)
   AlignedBuffer<long> torch_row;    // torch.nn's weight row of each panel column, -1 for padding
   PackedPanels<T> w_ih_panels, w_hh_panels, w_ih_t_panels, w_hh_t_panels;
+  PackedPanels<T> w_hr_panels, w_hr_t_panels;
+  bool projected() const { return layout.output != layout.hidden; }
 };
 
-// Weights in torch.nn's layout: w_ih (G*H, I), w_hh (G*H, H), biases (G*H) or nullptr.
+// Weights in torch.nn's layout: w_ih (G*H, I), w_hh (G*H, P), biases (G*H) or nullptr, and the
+// LSTM's projection w_hr (P, H), or nullptr and P = H.
 template <class T>
 std::shared_ptr<const PackedLayer<T>> pack_layer(const IsaKernels& isa, Cell cell, long input,
-                                                 long hidden, const T* w_ih, const T* w_hh,
-                                                 const T* b_ih, const T* b_hh);
+                                                 long hidden, long output, const T* w_ih,
+                                                 const T* w_hh, const T* b_ih, const T* b_hh,
+                                                 const T* w_hr);
 
 // The rows of a batch of sequences, time-major and packed like torch's PackedSequence: step t
 // holds rows [offset[t], offset[t] + sizes[t]), the first sizes[t] sequences of the batch, which
@@ -58,12 +63,14 @@ struct TrainingState {
   AlignedBuffer<T> x;            // [rows, input]
   AlignedBuffer<T> gates;        // [rows, gate_stride]: post-activation gates (LSTM, GRU)
   AlignedBuffer<T> hidden_gate;  // [rows, hidden_padded]: W_hn·h + b_hn (GRU)
-  AlignedBuffer<T> h;            // [batch + rows, hidden]: h0, then h after each row's step
+  AlignedBuffer<T> h;            // [batch + rows, output]: h0, then h after each row's step
   AlignedBuffer<T> c;            // [batch + rows, hidden_padded]: c0, then c (LSTM)
+  AlignedBuffer<T> h_full;       // [rows, hidden]: o * tanh(c) before the projection
 };
 
-// x [rows, input] in the row order of `sequences`; h0, c0 [batch, hidden] or nullptr for zeros.
-// Writes out [rows, hidden], h_n and (LSTM) c_n [batch, hidden]: each sequence's state after its
+// x [rows, input] in the row order of `sequences`; h0 [batch, output], c0 [batch, hidden] or
+// nullptr for zeros. Writes out [rows, output], h_n [batch, output] and (LSTM) c_n
+// [batch, hidden]: each sequence's state after its
 // last step. `reverse` runs every sequence from its last step to its first (the backward direction
 // of a bidirectional layer); out stays in input order. With a non-null `state`, keeps what
 // backward needs in it.
@@ -79,11 +86,12 @@ struct ParameterGrads {
   T* w_hh;
   T* b_ih;  // nullptr without bias
   T* b_hh;
+  T* w_hr;  // LSTM projection, else nullptr
 };
 
 // Consumes the state: its gate buffer becomes the gate gradients, so call it once per forward.
-// grad_out [rows, hidden], grad_h_n, grad_c_n [batch, hidden]: each may be nullptr (zeros).
-// Writes grad_x [rows, input], grad_h0 and (LSTM) grad_c0 [batch, hidden].
+// grad_out [rows, output], grad_h_n [batch, output], grad_c_n [batch, hidden]: each may be
+// nullptr (zeros). Writes grad_x [rows, input], grad_h0 [batch, output] and (LSTM) grad_c0.
 template <class T>
 void backward(TrainingState<T>& state, const T* grad_out, const T* grad_h_n, const T* grad_c_n,
               T* grad_x, T* grad_h0, T* grad_c0, const ParameterGrads<T>& grads);

@@ -396,14 +396,14 @@ template <class V, int NV, class Epilogue>
 void run_step_forward(const StepForwardArgs<typename V::value_type>& s, const Epilogue& epilogue) {
   constexpr int MR = kMicroRows;
   const Layout& L = *s.layout;
-  const long panel_size = L.hidden * NV * V::lanes;
+  const long panel_size = L.output * NV * V::lanes;
   for (long p = s.panel_begin; p < s.panel_end; ++p) {
     const auto* panel = s.w_hh + p * panel_size;
     for (long row0 = 0; row0 < s.batch; row0 += MR) {
       with_rows<MR>(min_long(MR, s.batch - row0), [&]<int R>() {
         V acc[R][NV];
         if (s.h_prev)
-          multiply_panel<V, R, NV>(L.hidden, s.h_prev + row0 * s.h_prev_stride, s.h_prev_stride, 1,
+          multiply_panel<V, R, NV>(L.output, s.h_prev + row0 * s.h_prev_stride, s.h_prev_stride, 1,
                                    panel, acc);
         else
           multiply_panel<V, R, NV>(0, s.h_prev, 0, 0, panel, acc);  // zero state: acc = 0
@@ -517,8 +517,9 @@ void run_step_backward(const StepBackwardArgs<typename V::value_type>& s,
         with_vectors(width / W, [&]<int NV>() {
           V acc[R][NV];
           const long k_count = continues ? w.rows : 0;
-          const T* a = continues ? s.grad_gates_next + row0 * L.gate_stride : nullptr;
-          multiply_panel<V, R, NV>(k_count, a, L.gate_stride, 1, panel, acc);
+          const long a_stride = s.grad_gates_next_stride;
+          const T* a = continues ? s.grad_gates_next + row0 * a_stride : nullptr;
+          multiply_panel<V, R, NV>(k_count, a, a_stride, 1, panel, acc);
           for (long r = 0; r < R; ++r) {
             const long row = row0 + r;
             FASTRNN_UNROLL
