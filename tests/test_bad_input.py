@@ -321,7 +321,8 @@ CTOR_CASES = [
     ("dtype=int32", dict(input_size=IN, hidden_size=H, dtype=np.int32), "dtype"),
     ("dtype=float16", dict(input_size=IN, hidden_size=H, dtype=np.float16), "dtype"),
     ("dtype=complex64", dict(input_size=IN, hidden_size=H, dtype=np.complex64), "dtype"),
-    ("dropout=1", dict(input_size=IN, hidden_size=H, dropout=1.0), "dropout"),
+    ("dropout=1.5", dict(input_size=IN, hidden_size=H, dropout=1.5), "dropout"),
+    ("dropout=True", dict(input_size=IN, hidden_size=H, dropout=True), "dropout"),
     ("dropout=-0.1", dict(input_size=IN, hidden_size=H, dropout=-0.1), "dropout"),
 ]
 

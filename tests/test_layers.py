@@ -648,23 +648,6 @@ def test_seed_none_is_random():
     assert not np.array_equal(a.weight_ih_l0, b.weight_ih_l0)
 
 
-UNSUPPORTED = {
-    "num_layers": dict(num_layers=2),
-    "bidirectional": dict(bidirectional=True),
-    "dropout": dict(dropout=0.5),
-    "proj_size": dict(proj_size=3),  # an LSTM option
-}
-UNSUPPORTED_CASES = [(k, o) for k in KINDS for o in UNSUPPORTED if k == "lstm" or o != "proj_size"]
-
-
-@pytest.mark.parametrize(
-    "kind,option", UNSUPPORTED_CASES, ids=[f"{k}-{o}" for k, o in UNSUPPORTED_CASES]
-)
-def test_not_implemented_options(kind, option):
-    with pytest.raises(NotImplementedError):
-        make_layer(kind, 3, 4, **UNSUPPORTED[option])
-
-
 # ----------------------------------------------------------------- numerics
 
 

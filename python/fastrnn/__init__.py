@@ -1,4 +1,4 @@
-"""fastrnn: fast CPU recurrent layers (RNN, LSTM) for NumPy, with torch.nn's interface.
+"""fastrnn: fast CPU recurrent layers and cells (RNN, LSTM, GRU) with torch.nn's interface.
 
 The kernels are compiled for several instruction sets and the best one this CPU supports is
 chosen at import; ``FASTRNN_ISA=scalar|avx2|avx512|neon`` forces one. Layer calls use
@@ -10,11 +10,15 @@ from __future__ import annotations
 
 from . import functional, reference
 from ._core import __version__, active_isa, available_isas, get_num_threads, set_num_threads
-from .layers import LSTM, RNN
+from .layers import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
 
 __all__ = [
+    "GRU",
     "LSTM",
     "RNN",
+    "GRUCell",
+    "LSTMCell",
+    "RNNCell",
     "__version__",
     "active_isa",
     "available_isas",
