@@ -7,10 +7,13 @@
 
 #include <cstdint>
 #include <cstring>
+#include <exception>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "fastrnn/dispatch.h"
@@ -133,8 +136,8 @@ class Layer {
 // What a training forward kept; consumed by one backward.
 class State {
  public:
-  std::unique_ptr<TrainingState<float>> f32;
-  std::unique_ptr<TrainingState<double>> f64;
+  std::shared_ptr<TrainingState<float>> f32;
+  std::shared_ptr<TrainingState<double>> f64;
   bool packed = false;  // the forward's x was packed (rows, input) with batch_sizes
   bool consumed = false;
 };
@@ -226,60 +229,111 @@ std::vector<py::ssize_t> rows_shape(const Sequences& seq, bool packed, long widt
   return {seq.steps, seq.batch, width};
 }
 
+// A core call whose arguments are checked and whose outputs are allocated: run() needs no GIL
+// and touches no Python object; result() (with the GIL, after run) builds the return value.
+struct PreparedCall {
+  std::function<void()> run;
+  std::function<py::object()> result;
+  bool* consumes = nullptr;  // a backward's state flag: set once every call is checked
+};
+
+// Runs the calls, several at once when the pool has the threads: each on one thread, so a
+// call's own parallel regions run on its thread alone (the two directions of a bidirectional
+// layer: no per-step barrier, each core keeps one direction's weights). Releases the GIL.
+void run_calls(std::vector<PreparedCall>& calls) {
+  for (std::size_t i = 0; i < calls.size(); ++i)
+    for (std::size_t j = 0; j < i; ++j)
+      if (calls[i].consumes && calls[i].consumes == calls[j].consumes)
+        throw py::value_error("the same training state was given to backward twice");
+  for (PreparedCall& call : calls)
+    if (call.consumes) *call.consumes = true;  // backward overwrites the saved gates
+  py::gil_scoped_release release;
+  if (calls.size() == 1) {
+    calls[0].run();
+    return;
+  }
+  std::vector<std::exception_ptr> errors(calls.size());
+  ThreadPool::global().run(static_cast<int>(calls.size()), [&](const ThreadContext& ctx) {
+    for (std::size_t i = static_cast<std::size_t>(ctx.index); i < calls.size();
+         i += static_cast<std::size_t>(ctx.count)) {
+      try {
+        calls[i].run();
+      } catch (...) {  // e.g. bad_alloc: nothing may leave a parallel region
+        errors[i] = std::current_exception();
+      }
+    }
+  });
+  for (const std::exception_ptr& error : errors)
+    if (error) std::rethrow_exception(error);
+}
+
 template <class T>
-py::tuple forward_typed(const Layer& layer, const py::array& x_in,
-                        const std::optional<py::array>& h0_in,
-                        const std::optional<py::array>& c0_in, bool training,
-                        const std::optional<py::array>& batch_sizes, bool reverse) {
+PreparedCall prepare_forward(const Layer& layer, const py::array& x_in,
+                             const std::optional<py::array>& h0_in,
+                             const std::optional<py::array>& c0_in, bool training,
+                             const std::optional<py::array>& batch_sizes, bool reverse) {
   const Layout& L = layer.layout();
-  const bool lstm = L.cell == Cell::lstm;
+  const bool lstm = L.cell == Cell::lstm, packed = batch_sizes.has_value();
   CArray<T> x = as_array<T>(x_in, "x");
-  const Sequences seq = sequences_of(x, batch_sizes, L.input);
-  const std::vector<py::ssize_t> h_shape{seq.batch, L.output}, c_shape{seq.batch, L.hidden};
+  auto seq = std::make_shared<const Sequences>(sequences_of(x, batch_sizes, L.input));
+  const std::vector<py::ssize_t> h_shape{seq->batch, L.output}, c_shape{seq->batch, L.hidden};
   if (c0_in && !lstm) throw py::value_error("c0 is only for the LSTM");
   const auto h0 = optional_input<T>(h0_in, h_shape, "h0");
   const auto c0 = optional_input<T>(c0_in, c_shape, "c0");
-  CArray<T> out(rows_shape(seq, batch_sizes.has_value(), L.output)), h_n(h_shape);
+  CArray<T> out(rows_shape(*seq, packed, L.output)), h_n(h_shape);
   std::optional<CArray<T>> c_n;
   if (lstm) c_n.emplace(c_shape);
-  std::unique_ptr<TrainingState<T>> state;
-  if (training) state = std::make_unique<TrainingState<T>>();
-  {
-    py::gil_scoped_release release;
-    forward<T>(layer.get<T>(), seq, reverse, x.data(), data_or_null(h0), data_or_null(c0),
-               out.mutable_data(), h_n.mutable_data(), c_n ? c_n->mutable_data() : nullptr,
-               state.get());
-  }
-  py::object saved = py::none();
-  if (state) {
-    State s;
-    s.packed = batch_sizes.has_value();
-    if constexpr (std::is_same_v<T, float>)
-      s.f32 = std::move(state);
-    else
-      s.f64 = std::move(state);
-    saved = py::cast(std::move(s));
-  }
-  return py::make_tuple(out, h_n, c_n ? py::object(*c_n) : py::none(), saved);
+  std::shared_ptr<TrainingState<T>> state;
+  if (training) state = std::make_shared<TrainingState<T>>();
+  auto run = [packed_layer = layer.get<T>(), seq, reverse, x = x.data(), h0 = data_or_null(h0),
+              c0 = data_or_null(c0), out = out.mutable_data(), h_n = h_n.mutable_data(),
+              c_n = c_n ? c_n->mutable_data() : nullptr, state] {
+    forward<T>(packed_layer, *seq, reverse, x, h0, c0, out, h_n, c_n, state.get());
+  };
+  // The arrays stay alive in result's captures until the call is done.
+  auto result = [x, h0, c0, out, h_n, c_n, state, packed]() -> py::object {
+    py::object saved = py::none();
+    if (state) {
+      State s;
+      s.packed = packed;
+      if constexpr (std::is_same_v<T, float>)
+        s.f32 = state;
+      else
+        s.f64 = state;
+      saved = py::cast(std::move(s));
+    }
+    return py::make_tuple(out, h_n, c_n ? py::object(*c_n) : py::none(), saved);
+  };
+  return {run, result};
 }
 
-py::tuple forward_any(const Layer& layer, const py::array& x, const std::optional<py::array>& h0,
-                      const std::optional<py::array>& c0, bool training,
-                      const std::optional<py::array>& batch_sizes, bool reverse) {
-  if (layer.f32) return forward_typed<float>(layer, x, h0, c0, training, batch_sizes, reverse);
-  return forward_typed<double>(layer, x, h0, c0, training, batch_sizes, reverse);
+PreparedCall prepare_forward_any(const Layer& layer, const py::array& x,
+                                 const std::optional<py::array>& h0,
+                                 const std::optional<py::array>& c0, bool training,
+                                 const std::optional<py::array>& batch_sizes, bool reverse) {
+  if (layer.f32) return prepare_forward<float>(layer, x, h0, c0, training, batch_sizes, reverse);
+  return prepare_forward<double>(layer, x, h0, c0, training, batch_sizes, reverse);
+}
+
+py::object forward_any(const Layer& layer, const py::array& x, const std::optional<py::array>& h0,
+                       const std::optional<py::array>& c0, bool training,
+                       const std::optional<py::array>& batch_sizes, bool reverse) {
+  std::vector<PreparedCall> calls{
+      prepare_forward_any(layer, x, h0, c0, training, batch_sizes, reverse)};
+  run_calls(calls);
+  return calls[0].result();
 }
 
 template <class T>
-py::tuple backward_typed(
-    TrainingState<T>& state, bool packed, bool& consumed,
+PreparedCall prepare_backward(
+    const std::shared_ptr<TrainingState<T>>& state, bool packed, bool& consumed,
     const std::optional<py::array>& grad_out_in, const std::optional<py::array>& grad_h_n_in,
     const std::optional<py::array>& grad_c_n_in, const std::optional<py::array>& grad_w_ih,
     const std::optional<py::array>& grad_w_hh, const std::optional<py::array>& grad_b_ih,
     const std::optional<py::array>& grad_b_hh, const std::optional<py::array>& grad_w_hr) {
-  const Layout& L = state.layer->layout;
-  const bool lstm = L.cell == Cell::lstm, projected = state.layer->projected();
-  const Sequences& seq = state.sequences;
+  const Layout& L = state->layer->layout;
+  const bool lstm = L.cell == Cell::lstm, projected = state->layer->projected();
+  const Sequences& seq = state->sequences;
   const long gate_rows = L.gates * L.hidden;
   const std::vector<py::ssize_t> h_shape{seq.batch, L.output}, c_shape{seq.batch, L.hidden};
   if (grad_c_n_in && !lstm) throw py::value_error("grad_c_n is only for the LSTM");
@@ -299,32 +353,82 @@ py::tuple backward_typed(
   CArray<T> grad_x(rows_shape(seq, packed, L.input)), grad_h0(h_shape);
   std::optional<CArray<T>> grad_c0;
   if (lstm) grad_c0.emplace(c_shape);
-  consumed = true;  // backward overwrites the saved gates with their gradients
-  {
-    py::gil_scoped_release release;
-    backward<T>(state, data_or_null(grad_out), data_or_null(grad_h_n), data_or_null(grad_c_n),
-                grad_x.mutable_data(), grad_h0.mutable_data(),
-                grad_c0 ? grad_c0->mutable_data() : nullptr, grads);
-  }
-  return py::make_tuple(grad_x, grad_h0, grad_c0 ? py::object(*grad_c0) : py::none());
+  // The gradient accumulators are the caller's arrays, alive for the whole call.
+  auto run = [state, grad_out = data_or_null(grad_out), grad_h_n = data_or_null(grad_h_n),
+              grad_c_n = data_or_null(grad_c_n), grad_x = grad_x.mutable_data(),
+              grad_h0 = grad_h0.mutable_data(),
+              grad_c0 = grad_c0 ? grad_c0->mutable_data() : nullptr, grads] {
+    backward<T>(*state, grad_out, grad_h_n, grad_c_n, grad_x, grad_h0, grad_c0, grads);
+  };
+  auto result = [grad_out, grad_h_n, grad_c_n, grad_x, grad_h0, grad_c0]() -> py::object {
+    return py::make_tuple(grad_x, grad_h0, grad_c0 ? py::object(*grad_c0) : py::none());
+  };
+  return {run, result, &consumed};
 }
 
-py::tuple backward_any(State& state, const std::optional<py::array>& grad_out,
-                       const std::optional<py::array>& grad_h_n,
-                       const std::optional<py::array>& grad_c_n,
-                       const std::optional<py::array>& grad_w_ih,
-                       const std::optional<py::array>& grad_w_hh,
-                       const std::optional<py::array>& grad_b_ih,
-                       const std::optional<py::array>& grad_b_hh,
-                       const std::optional<py::array>& grad_w_hr) {
+PreparedCall prepare_backward_any(State& state, const std::optional<py::array>& grad_out,
+                                  const std::optional<py::array>& grad_h_n,
+                                  const std::optional<py::array>& grad_c_n,
+                                  const std::optional<py::array>& grad_w_ih,
+                                  const std::optional<py::array>& grad_w_hh,
+                                  const std::optional<py::array>& grad_b_ih,
+                                  const std::optional<py::array>& grad_b_hh,
+                                  const std::optional<py::array>& grad_w_hr) {
   if (state.consumed)
     throw std::runtime_error(
         "backward was already run for this forward; run a training forward again");
   if (state.f32)
-    return backward_typed(*state.f32, state.packed, state.consumed, grad_out, grad_h_n, grad_c_n,
+    return prepare_backward(state.f32, state.packed, state.consumed, grad_out, grad_h_n, grad_c_n,
+                            grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr);
+  return prepare_backward(state.f64, state.packed, state.consumed, grad_out, grad_h_n, grad_c_n,
                           grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr);
-  return backward_typed(*state.f64, state.packed, state.consumed, grad_out, grad_h_n, grad_c_n,
-                        grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr);
+}
+
+py::object backward_any(State& state, const std::optional<py::array>& grad_out,
+                        const std::optional<py::array>& grad_h_n,
+                        const std::optional<py::array>& grad_c_n,
+                        const std::optional<py::array>& grad_w_ih,
+                        const std::optional<py::array>& grad_w_hh,
+                        const std::optional<py::array>& grad_b_ih,
+                        const std::optional<py::array>& grad_b_hh,
+                        const std::optional<py::array>& grad_w_hr) {
+  std::vector<PreparedCall> calls{prepare_backward_any(
+      state, grad_out, grad_h_n, grad_c_n, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr)};
+  run_calls(calls);
+  return calls[0].result();
+}
+
+// Several independent calls at once: a list of argument tuples, a list of results. Every call
+// is checked before any runs.
+template <class Prepare>
+py::list run_each(const py::list& argument_tuples, Prepare prepare) {
+  std::vector<PreparedCall> calls;
+  for (const py::handle arguments : argument_tuples) calls.push_back(prepare(arguments));
+  run_calls(calls);
+  py::list results;
+  for (PreparedCall& call : calls) results.append(call.result());
+  return results;
+}
+
+py::list forward_each(const py::list& calls) {
+  return run_each(calls, [](py::handle arguments) {
+    const auto [layer, x, h0, c0, training, batch_sizes, reverse] =
+        py::cast<std::tuple<const Layer&, py::array, std::optional<py::array>,
+                            std::optional<py::array>, bool, std::optional<py::array>, bool>>(
+            arguments);
+    return prepare_forward_any(layer, x, h0, c0, training, batch_sizes, reverse);
+  });
+}
+
+py::list backward_each(const py::list& calls) {
+  return run_each(calls, [](py::handle arguments) {
+    auto [state, grad_out, grad_h_n, grad_c_n, w_ih, w_hh, b_ih, b_hh, w_hr] = py::cast<
+        std::tuple<State&, std::optional<py::array>, std::optional<py::array>,
+                   std::optional<py::array>, std::optional<py::array>, std::optional<py::array>,
+                   std::optional<py::array>, std::optional<py::array>, std::optional<py::array>>>(
+        arguments);
+    return prepare_backward_any(state, grad_out, grad_h_n, grad_c_n, w_ih, w_hh, b_ih, b_hh, w_hr);
+  });
 }
 
 template <class T>
@@ -423,6 +527,14 @@ PYBIND11_MODULE(_core, m) {
         "Time-major forward of x (seq_len, batch, input), or of x (rows, input) packed like a "
         "PackedSequence with its batch_sizes; reverse runs each sequence back to front. Returns "
         "(out, h_n, c_n or None, TrainingState or None).");
+  m.def("forward_each", &forward_each, py::arg("calls"),
+        "Several independent forwards at once, each on its own thread (e.g. the two directions "
+        "of a layer): calls is a list of (layer, x, h0, c0, training, batch_sizes, reverse); "
+        "returns the list of forward's results.");
+  m.def("backward_each", &backward_each, py::arg("calls"),
+        "Several independent backwards at once: calls is a list of (state, grad_out, grad_h_n, "
+        "grad_c_n, grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh, grad_weight_hr); "
+        "returns the list of backward's results.");
   m.def("backward", &backward_any, py::arg("state"), py::arg("grad_out") = py::none(),
         py::arg("grad_h_n") = py::none(), py::arg("grad_c_n") = py::none(),
         py::arg("grad_weight_ih") = py::none(), py::arg("grad_weight_hh") = py::none(),

@@ -24,9 +24,10 @@ namespace {
 
 // Inference computes x·W_ihᵀ for a chunk of time steps at a time, bounding the gate buffer.
 constexpr long kInferenceGateElements = 1L << 20;
-// Below this many multiply-adds per time step a barrier costs more than a second thread saves,
+// Below this many multiply-adds per time step a barrier costs more than a second thread saves
+// (and on a busy machine a barrier can wait for a descheduled thread: small layers stay on one),
 // and below kParallelCallWork in all, so does starting a parallel region (~1 us).
-constexpr long kParallelStepWork = 1L << 14;
+constexpr long kParallelStepWork = 1L << 16;
 constexpr long kParallelCallWork = 1L << 18;
 // Rows per thread from which the batch split wins (no barrier, the micro-kernel's rows full).
 constexpr long kBatchSplitRows = 32;

@@ -371,10 +371,8 @@ class _RNNBase(_Module):
         h_n, c_n = [], []
         layer_input = x
         for layer in range(self.num_layers):
-            outs, layer_states = [], []
-            for d in range(self.num_directions):
-                k = layer * self.num_directions + d
-                out, h, c, saved = _core.forward(
+            calls = [
+                (
                     self._packed_unit(units[k], self._cell),
                     layer_input,
                     None if h0 is None else h0[k],
@@ -383,10 +381,15 @@ class _RNNBase(_Module):
                     batch_sizes,
                     d == 1,
                 )
-                outs.append(out)
-                layer_states.append(saved)
-                h_n.append(h)
-                c_n.append(c)
+                for d in range(self.num_directions)
+                for k in [layer * self.num_directions + d]
+            ]
+            # The two directions run at once, each on a thread of its own.
+            results = [_core.forward(*calls[0])] if len(calls) == 1 else _core.forward_each(calls)
+            outs = [out for out, _, _, _ in results]
+            layer_states = [saved for _, _, _, saved in results]
+            h_n += [h for _, h, _, _ in results]
+            c_n += [c for _, _, c, _ in results]
             layer_input = outs[0] if len(outs) == 1 else np.concatenate(outs, axis=-1)
             mask = None
             if dropout and self.dropout > 0 and layer < self.num_layers - 1:
@@ -421,26 +424,30 @@ class _RNNBase(_Module):
             mask = tape.masks[layer]
             if mask is not None and grad is not None:
                 grad = grad * mask
-            grad_input = None
+            calls = []
             for d in range(directions):
                 k = layer * directions + d
                 unit = units[k]
                 g = grad
                 if g is not None and directions > 1:
                     g = np.ascontiguousarray(g[..., d * size : (d + 1) * size])
-                dx, dh, dc = _core.backward(
-                    tape.states[layer][d],
-                    g,
-                    None if grad_h_n is None else grad_h_n[k],
-                    None if grad_c_n is None else grad_c_n[k],
-                    grads[f"weight_ih_{unit}"],
-                    grads[f"weight_hh_{unit}"],
-                    grads.get(f"bias_ih_{unit}"),
-                    grads.get(f"bias_hh_{unit}"),
-                    grads.get(f"weight_hr_{unit}"),
+                calls.append(
+                    (
+                        tape.states[layer][d],
+                        g,
+                        None if grad_h_n is None else grad_h_n[k],
+                        None if grad_c_n is None else grad_c_n[k],
+                        grads[f"weight_ih_{unit}"],
+                        grads[f"weight_hh_{unit}"],
+                        grads.get(f"bias_ih_{unit}"),
+                        grads.get(f"bias_hh_{unit}"),
+                        grads.get(f"weight_hr_{unit}"),
+                    )
                 )
-                grad_input = dx if grad_input is None else grad_input + dx
-                dh0[k], dc0[k] = dh, dc
+            results = [_core.backward(*calls[0])] if directions == 1 else _core.backward_each(calls)
+            grad_input = results[0][0] if directions == 1 else results[0][0] + results[1][0]
+            for d, (_, dh, dc) in enumerate(results):
+                dh0[layer * directions + d], dc0[layer * directions + d] = dh, dc
             grad = grad_input
         assert grad is not None
         return grad, np.stack(dh0), np.stack(dc0) if self._gates == 4 else None
@@ -807,7 +814,8 @@ class _CellBase(_Module):
     (hidden_size,); None means zeros. Every call is one C++ call on weights packed once per weight
     update. In training mode each call keeps what its backward needs; ``backward`` runs for the
     most recent call not yet backpropagated (last in, first out, as backpropagation through a
-    sequence of calls goes), so call ``eval()`` for streaming inference.
+    sequence of calls goes), so call ``eval()`` for streaming inference; ``clear_tape()`` drops
+    calls that will not be backpropagated.
     """
 
     _gates: int
@@ -824,8 +832,12 @@ class _CellBase(_Module):
         self.input_size = _positive_int(input_size, "input_size")
         self.hidden_size = _positive_int(hidden_size, "hidden_size")
         self.bias = bool(bias)
-        self._tape: list[tuple[Any, bool]] = []
+        self._tape: list[tuple[Any, bool, int]] = []
         self._init_params(dtype, seed)
+
+    def clear_tape(self) -> None:
+        """Drop what the training-mode calls not yet backpropagated keep for backward."""
+        self._tape.clear()
 
     def _param_shapes(self) -> dict[str, tuple[int, ...]]:
         rows = self._gates * self.hidden_size
@@ -865,7 +877,7 @@ class _CellBase(_Module):
             self._packed_unit("", self._cell), x[None], h, c, self.training
         )
         if saved is not None:
-            self._tape.append((saved, batched))
+            self._tape.append((saved, batched, x.shape[0]))
         if not batched:
             return h_next[0], None if c_next is None else c_next[0]
         return h_next, c_next
@@ -878,23 +890,12 @@ class _CellBase(_Module):
                 "backward() needs a preceding call in training mode (cell.train()) whose "
                 "backward has not run yet"
             )
-        saved, batched = self._tape[-1]
+        saved, batched, batch = self._tape[-1]
+        shape = (batch, self.hidden_size) if batched else (self.hidden_size,)
         grads = []
-        for value, name, size in (
-            (grad_h, "grad_h", self.hidden_size),
-            (grad_c, "grad_c", self.hidden_size),
-        ):
-            if value is None:
-                grads.append(None)
-                continue
-            array = _as_array(value, name, self.dtype)
-            expected = array.shape if not batched else (array.shape[0], size)
-            if array.shape != expected or array.ndim != (2 if batched else 1):
-                raise ValueError(
-                    f"{name} must have the state's shape ({'batch, ' if batched else ''}{size}), "
-                    f"got {_shape(array.shape)}"
-                )
-            grads.append(array if batched else array[None])
+        for value, name in ((grad_h, "grad_h"), (grad_c, "grad_c")):
+            array = self._state(value, name, shape)
+            grads.append(array if array is None or batched else array[None])
         g = self.grads
         dx, dh, dc = _core.backward(
             saved,
