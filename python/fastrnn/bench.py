@@ -9,6 +9,7 @@ library's spinning thread pool never runs while another is timed. The pytest-ben
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import subprocess
 import sys
@@ -26,10 +27,17 @@ MODES = ("inference", "training")
 class Case:
     """One benchmark shape: float32, input_size = hidden_size (DeepBench's convention)."""
 
-    cell: str  # "lstm", "rnn_relu", "rnn_tanh", "lstm_cell" (one step), or "sgemm" (the limit)
+    # "lstm", "gru", "rnn_relu", "rnn_tanh", "lstm_cell" (one step of fastrnn.LSTMCell against
+    # torch.nn.LSTMCell), "torch_step" (a torch training step with fastrnn.torch.LSTM against
+    # torch.nn.LSTM), or "sgemm" (the limit)
+    cell: str
     steps: int
     batch: int
     hidden: int
+    layers: int = 1
+    bidirectional: bool = False
+    proj: int = 0  # LSTM proj_size
+    lengths: bool = False  # sequence lengths drawn between steps/2 and steps
 
     @property
     def name(self) -> str:
@@ -37,19 +45,50 @@ class Case:
             return f"SGEMM {self.hidden}^3 (torch.mm)"
         if self.cell == "lstm_cell":
             return f"LSTMCell step B{self.batch} H{self.hidden}"
-        label = {"lstm": "LSTM", "rnn_relu": "ReLU RNN", "rnn_tanh": "tanh RNN"}[self.cell]
-        return f"{label} T{self.steps} B{self.batch} H{self.hidden}"
+        if self.cell == "torch_step":
+            return f"torch train step LSTM T{self.steps} B{self.batch} H{self.hidden}"
+        label = {"lstm": "LSTM", "gru": "GRU", "rnn_relu": "ReLU RNN", "rnn_tanh": "tanh RNN"}
+        name = f"{label[self.cell]} T{self.steps} B{self.batch} H{self.hidden}"
+        if self.layers > 1:
+            name += f" {self.layers} layers"
+        if self.bidirectional:
+            name += " bidir"
+        if self.proj:
+            name += f" proj{self.proj}"
+        if self.lengths:
+            name += " lengths T/2..T"
+        return name
+
+    @property
+    def gates(self) -> int:
+        return {"lstm": 4, "lstm_cell": 4, "torch_step": 4, "gru": 3}.get(self.cell, 1)
+
+    def sequence_lengths(self) -> np.ndarray | None:
+        if not self.lengths:
+            return None
+        lengths = np.random.default_rng(1).integers(self.steps // 2, self.steps + 1, self.batch)
+        lengths[0] = self.steps
+        return lengths
 
     def flops(self, mode: str) -> float:
-        """Multiply-adds x 2 of the layer; training counts forward + backward as 3x forward."""
+        """Multiply-adds x 2 of the rows that run; training counts forward + backward as 3x."""
         if self.cell == "sgemm":
             return 2.0 * self.hidden**3
-        gates = {"lstm": 4, "lstm_cell": 4, "rnn_relu": 1, "rnn_tanh": 1}[self.cell]
-        forward = 2.0 * gates * self.steps * self.batch * self.hidden * 2 * self.hidden
-        return forward * (3 if mode == "training" else 1)
+        lengths = self.sequence_lengths()
+        rows = self.steps * self.batch if lengths is None else int(lengths.sum())
+        directions = 2 if self.bidirectional else 1
+        out = self.proj or self.hidden
+        per_row = 0.0
+        for layer in range(self.layers):
+            inputs = self.hidden if layer == 0 else directions * out
+            per_row += directions * (
+                self.gates * self.hidden * (inputs + out) + out * self.hidden * (self.proj > 0)
+            )
+        return 2.0 * rows * per_row * (3 if mode == "training" else 1)
 
 
-# The cases of issue 3 (performance.md's DeepBench shapes).
+# The cases of issue 3 (performance.md's DeepBench shapes) and issue 4 (GRU, lengths,
+# projections, stacked bidirectional layers, fastrnn.torch in a torch training step).
 CASES = (
     Case("lstm", 100, 1, 128),
     Case("lstm", 150, 1, 256),
@@ -59,6 +98,13 @@ CASES = (
     Case("rnn_relu", 50, 16, 1760),
     Case("rnn_relu", 672, 1, 32),
     Case("lstm_cell", 1, 1, 128),
+    Case("gru", 150, 1, 256),
+    Case("gru", 25, 16, 512),
+    Case("lstm", 100, 16, 256, lengths=True),
+    Case("lstm", 100, 16, 256, proj=128),
+    Case("lstm", 100, 16, 256, layers=2, bidirectional=True),
+    Case("torch_step", 100, 1, 128),
+    Case("torch_step", 25, 4, 512),
 )
 # The hardware limit measured in the same run: torch's SGEMM (MKL / oneDNN) at the same threads.
 SGEMM = Case("sgemm", 1, 1, 2048)
@@ -67,35 +113,62 @@ SGEMM = Case("sgemm", 1, 1, 2048)
 def supported(library: str, case: Case, mode: str) -> bool:
     if case.cell == "sgemm":
         return library == "torch" and mode == "inference"
-    if library == "onnxruntime":  # inference only, and its LSTM operator has no ReLU RNN twin here
-        return mode == "inference" and case.cell == "lstm"
-    if library == "reference":  # only where it finishes in a second or so
-        return case.steps * case.batch * case.hidden**2 * (4 if "lstm" in case.cell else 1) < 4e8
+    if case.cell == "torch_step":
+        return library in ("fastrnn", "torch") and mode == "training"
+    if library == "onnxruntime":  # inference only; its LSTM and GRU operators, plain layers
+        plain = case.layers == 1 and not (case.bidirectional or case.proj or case.lengths)
+        return mode == "inference" and case.cell in ("lstm", "gru") and plain
+    if library == "reference":  # one layer and direction, where it finishes in a second or so
+        work = case.steps * case.batch * case.hidden**2 * case.gates
+        return case.layers == 1 and not case.bidirectional and work < 4e8
     return True
 
 
 def _inputs(case: Case, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    directions = 2 if case.bidirectional else 1
     x = rng.standard_normal((case.steps, case.batch, case.hidden)).astype(np.float32)
-    grad = rng.standard_normal((case.steps, case.batch, case.hidden)).astype(np.float32)
+    out_shape = (case.steps, case.batch, directions * (case.proj or case.hidden))
+    grad = rng.standard_normal(out_shape).astype(np.float32)
     return x, grad
+
+
+def _layer_options(case: Case) -> dict[str, Any]:
+    options: dict[str, Any] = {"num_layers": case.layers, "bidirectional": case.bidirectional}
+    if case.proj:
+        options["proj_size"] = case.proj
+    if case.cell.startswith("rnn_"):
+        options["nonlinearity"] = case.cell[4:]
+    return options
 
 
 def fastrnn_runner(case: Case, mode: str, threads: int) -> Callable[[], Any]:
     import fastrnn
 
     fastrnn.set_num_threads(threads)
+    if case.cell == "torch_step":
+        return _torch_step_runner(case, threads, fastrnn_layer=True)
     x, grad = _inputs(case, np.random.default_rng(0))
     h = case.hidden
-    if "lstm" in case.cell:  # "lstm_cell" is one step of the same layer
-        layer = fastrnn.LSTM(h, h, seed=0)
-    else:
-        layer = fastrnn.RNN(h, h, nonlinearity=case.cell[4:], seed=0)
+    if case.cell == "lstm_cell":
+        cell = fastrnn.LSTMCell(h, h, seed=0)
+        if mode == "inference":
+            cell.eval()
+            return lambda: cell(x[0])
+
+        def train_step() -> None:
+            cell(x[0])
+            cell.backward(grad[0])
+
+        return train_step
+    layer_class = {"lstm": fastrnn.LSTM, "gru": fastrnn.GRU}.get(case.cell, fastrnn.RNN)
+    layer = layer_class(h, h, seed=0, **_layer_options(case))
+    lengths = case.sequence_lengths()
     if mode == "inference":
         layer.eval()
-        return lambda: layer(x)
+        return lambda: layer(x, None, lengths)
 
     def train() -> None:
-        layer(x)
+        layer(x, None, lengths)
         layer.backward(grad)
 
     return train
@@ -107,19 +180,36 @@ def reference_runner(case: Case, mode: str, threads: int) -> Callable[[], Any]:
 
     x, grad = _inputs(case, np.random.default_rng(0))
     h = case.hidden
-    lstm = "lstm" in case.cell
-    layer = fastrnn.LSTM(h, h, seed=0) if lstm else fastrnn.RNN(h, h, seed=0)
-    params = list(layer.state_dict().values())
+    lengths = case.sequence_lengths()
+    layer_class = {"lstm": fastrnn.LSTM, "gru": fastrnn.GRU}.get(case.cell.replace("_cell", ""))
+    layer = (layer_class or fastrnn.RNN)(h, h, seed=0, **_layer_options(case))
+    p = {name[: -len("_l0")]: value for name, value in layer.state_dict().items()}
+    weights = (p["weight_ih"], p["weight_hh"], p["bias_ih"], p["bias_hh"])
+    run_forward: Callable[[], Any]
+    if "lstm" in case.cell:
+        run_forward = functools.partial(
+            reference.lstm_forward,
+            x,
+            None,
+            None,
+            *weights,
+            weight_hr=p.get("weight_hr"),
+            lengths=lengths,
+        )
+        run_backward = reference.lstm_backward
+    elif case.cell == "gru":
+        run_forward = functools.partial(reference.gru_forward, x, None, *weights, lengths=lengths)
+        run_backward = reference.gru_backward
+    else:
+        run_forward = functools.partial(
+            reference.rnn_forward, x, None, *weights, nonlinearity=case.cell[4:], lengths=lengths
+        )
+        run_backward = reference.rnn_backward
 
     def run() -> None:
-        if lstm:
-            *_, cache = reference.lstm_forward(x, None, None, *params)
-            if mode == "training":
-                reference.lstm_backward(cache, grad)
-        else:
-            *_, cache = reference.rnn_forward(x, None, *params, nonlinearity=case.cell[4:])
-            if mode == "training":
-                reference.rnn_backward(cache, grad)
+        cache = run_forward()[-1]
+        if mode == "training":
+            run_backward(cache, grad)
 
     return run
 
@@ -152,16 +242,28 @@ def torch_runner(case: Case, mode: str, threads: int) -> Callable[[], Any]:
             hy.backward(g)
 
         return train_step
-    if case.cell == "lstm":
-        layer = torch.nn.LSTM(h, h)
-    else:
-        layer = torch.nn.RNN(h, h, nonlinearity=case.cell[4:])
+    if case.cell == "torch_step":
+        return _torch_step_runner(case, threads, fastrnn_layer=False)
+    layer_class = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}.get(case.cell, torch.nn.RNN)
+    layer = layer_class(h, h, **_layer_options(case))
     x = torch.from_numpy(x_np)
+    lengths = case.sequence_lengths()
+
+    def run() -> Any:
+        if lengths is None:
+            return layer(x)[0]
+        # What a user with padded batches and lengths does: pack, run, pad.
+        packed = torch.nn.utils.rnn.pack_padded_sequence(
+            x, torch.from_numpy(lengths), enforce_sorted=False
+        )
+        out, _ = layer(packed)
+        return torch.nn.utils.rnn.pad_packed_sequence(out, total_length=case.steps)[0]
+
     if mode == "inference":
 
         def infer() -> None:
             with torch.inference_mode():  # oneDNN picks its inference path from grad mode
-                layer(x)
+                run()
 
         return infer
     x.requires_grad_(True)
@@ -169,28 +271,59 @@ def torch_runner(case: Case, mode: str, threads: int) -> Callable[[], Any]:
 
     def train() -> None:
         layer.zero_grad(set_to_none=True)
-        out, _ = layer(x)
-        out.backward(grad)
+        run().backward(grad)
 
     return train
+
+
+def _torch_step_runner(case: Case, threads: int, fastrnn_layer: bool) -> Callable[[], Any]:
+    """A torch training step (zero_grad, forward, loss, backward, SGD step) of an LSTM:
+    fastrnn.torch.LSTM or torch.nn.LSTM."""
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    h = case.hidden
+    if fastrnn_layer:
+        import fastrnn.torch
+
+        layer: Any = fastrnn.torch.LSTM(h, h)
+    else:
+        layer = torch.nn.LSTM(h, h)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=1e-3)
+    x_np, grad_np = _inputs(case, np.random.default_rng(0))
+    x, grad = torch.from_numpy(x_np), torch.from_numpy(grad_np)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        out, _ = layer(x)
+        out.backward(grad)
+        optimizer.step()
+
+    return step
 
 
 def onnxruntime_runner(case: Case, mode: str, threads: int) -> Callable[[], Any]:
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    h = case.hidden
+    h, gates = case.hidden, case.gates
     rng = np.random.default_rng(0)
     bound = 1 / np.sqrt(h)
     weights = {
-        "W": rng.uniform(-bound, bound, (1, 4 * h, h)).astype(np.float32),
-        "R": rng.uniform(-bound, bound, (1, 4 * h, h)).astype(np.float32),
-        "B": rng.uniform(-bound, bound, (1, 8 * h)).astype(np.float32),
+        "W": rng.uniform(-bound, bound, (1, gates * h, h)).astype(np.float32),
+        "R": rng.uniform(-bound, bound, (1, gates * h, h)).astype(np.float32),
+        "B": rng.uniform(-bound, bound, (1, 2 * gates * h)).astype(np.float32),
     }
-    node = helper.make_node("LSTM", ["X", "W", "R", "B"], ["Y", "Y_h", "Y_c"], hidden_size=h)
+    if case.cell == "gru":  # torch's GRU: b_hn inside r * (...)
+        node = helper.make_node(
+            "GRU", ["X", "W", "R", "B"], ["Y", "Y_h"], hidden_size=h, linear_before_reset=1
+        )
+    else:
+        node = helper.make_node("LSTM", ["X", "W", "R", "B"], ["Y", "Y_h", "Y_c"], hidden_size=h)
     graph = helper.make_graph(
         [node],
-        "lstm",
+        case.cell,
         [helper.make_tensor_value_info("X", TensorProto.FLOAT, [case.steps, case.batch, h])],
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
         [numpy_helper.from_array(v, k) for k, v in weights.items()],
