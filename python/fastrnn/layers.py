@@ -211,6 +211,8 @@ class _PackedRows:
 
     def __init__(self, lengths: Any, steps: int, batch: int) -> None:
         array = np.asarray(lengths)
+        if array.size == 0:  # [] carries no dtype: an empty batch has no lengths to check
+            array = array.astype(np.int64)
         if array.dtype.kind not in "iu":
             raise TypeError(f"lengths must be integers, got dtype {array.dtype}")
         if array.shape != (batch,):
@@ -783,7 +785,8 @@ class RNN(GRU):
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
         self.nonlinearity = nonlinearity
-        super().__init__(
+        _RNNBase.__init__(  # not GRU's: the dropout warning's stacklevel counts the frames
+            self,
             input_size,
             hidden_size,
             num_layers,
@@ -791,6 +794,7 @@ class RNN(GRU):
             batch_first,
             dropout,
             bidirectional,
+            0,
             dtype,
             seed,
         )
