@@ -57,34 +57,33 @@ std::shared_ptr<const PackedLayer<T>> pack_layer(const IsaKernels& isa, Cell cel
   const long lanes = L.lanes;
   const long gate_panel = L.gates * L.panel_hidden;
   const long generic_panel = p.kernels->gemm_panel_vectors * lanes;
+  // torch.nn's weight row of every packed gate column, computed once: packing runs after every
+  // weight update (an optimizer step), so it must be a plain copy, not a division per element.
+  p.torch_row.reset(static_cast<std::size_t>(L.gate_stride));
+  long* row_of = p.torch_row.data();
+  for (long col = 0; col < L.gate_stride; ++col) row_of[col] = torch_row_of_gate_column(L, col);
 
   // Forward: K x gate columns, gate-interleaved panels.
   p.w_ih_panels =
-      pack_panels(p.w_ih, input, L.gate_stride, gate_panel, lanes, [&](long k, long col) {
-        const long row = torch_row_of_gate_column(L, col);
-        return row < 0 ? T(0) : w_ih[row * input + k];
-      });
+      pack_transposed_rows(p.w_ih, w_ih, input, input, row_of, L.gate_stride, gate_panel, lanes);
   p.w_hh_panels =
-      pack_panels(p.w_hh, output, L.gate_stride, gate_panel, lanes, [&](long k, long col) {
-        const long row = torch_row_of_gate_column(L, col);
-        return row < 0 ? T(0) : w_hh[row * output + k];
-      });
+      pack_transposed_rows(p.w_hh, w_hh, output, output, row_of, L.gate_stride, gate_panel, lanes);
   // Backward: gate columns (as rows, K) x input / hidden units.
   p.w_ih_t_panels =
       pack_panels(p.w_ih_t, L.gate_stride, input, generic_panel, lanes, [&](long col, long n) {
-        const long row = torch_row_of_gate_column(L, col);
+        const long row = row_of[col];
         return row < 0 ? T(0) : w_ih[row * input + n];
       });
   // Without a projection its columns line up with the hidden panels of the backward step.
   const long w_hh_t_cols = w_hr ? output : L.hidden_padded;
   p.w_hh_t_panels = pack_panels(p.w_hh_t, L.gate_stride, w_hh_t_cols, generic_panel, lanes,
                                 [&](long col, long n) {
-                                  const long row = torch_row_of_gate_column(L, col);
+                                  const long row = row_of[col];
                                   return row < 0 || n >= output ? T(0) : w_hh[row * output + n];
                                 });
   if (w_hr) {  // h = W_hr·h_full: forward K = hidden x N = output; backward K = output x N = hidden
-    p.w_hr_panels = pack_panels(p.w_hr, hidden, output, generic_panel, lanes,
-                                [&](long k, long n) { return w_hr[n * hidden + k]; });
+    p.w_hr_panels =
+        pack_transposed_rows(p.w_hr, w_hr, hidden, hidden, nullptr, output, generic_panel, lanes);
     p.w_hr_t_panels =
         pack_panels(p.w_hr_t, output, L.hidden_padded, generic_panel, lanes,
                     [&](long k, long j) { return j < hidden ? w_hr[k * hidden + j] : T(0); });
@@ -93,10 +92,8 @@ std::shared_ptr<const PackedLayer<T>> pack_layer(const IsaKernels& isa, Cell cel
   const bool gru = cell == Cell::gru;
   const long hn_row0 = 2 * hidden;  // torch.nn.GRU's rows: r, z, n
   p.bias.reset(static_cast<std::size_t>(L.gate_stride));
-  p.torch_row.reset(static_cast<std::size_t>(L.gate_stride));
   for (long col = 0; col < L.gate_stride; ++col) {
-    const long row = torch_row_of_gate_column(L, col);
-    p.torch_row.data()[col] = row;
+    const long row = row_of[col];
     T b = T(0);
     if (row >= 0 && b_ih) b += b_ih[row];
     if (row >= 0 && b_hh && !(gru && row >= hn_row0)) b += b_hh[row];

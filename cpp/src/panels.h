@@ -28,6 +28,34 @@ PackedPanels<T> pack_panels(AlignedBuffer<T>& storage, long rows, long cols, lon
   return {out, rows, padded_cols, panel_width};
 }
 
+// Packs a transposed gather: column j of the k_count x cols matrix is row row_of[j] of src (rows
+// of at least k_count values, src_stride apart; row_of nullptr: row j; < 0: zeros). Rows are read
+// a block of k at a time: one element per row per step would touch one cache line per element,
+// and rows a power of two apart all land in the same few L1 sets.
+template <class T>
+PackedPanels<T> pack_transposed_rows(AlignedBuffer<T>& storage, const T* src, long src_stride,
+                                     long k_count, const long* row_of, long cols, long panel_width,
+                                     long lanes) {
+  constexpr long kBlock = 16;
+  const long padded_cols = round_up(cols, lanes);
+  storage.reset(static_cast<std::size_t>(k_count * padded_cols));
+  T* out = storage.data();
+  for (long col0 = 0; col0 < padded_cols; col0 += panel_width) {
+    const long width = padded_cols - col0 < panel_width ? padded_cols - col0 : panel_width;
+    T* panel = out + col0 * k_count;
+    for (long k0 = 0; k0 < k_count; k0 += kBlock) {
+      const long block = k_count - k0 < kBlock ? k_count - k0 : kBlock;
+      for (long jj = 0; jj < width; ++jj) {
+        const long col = col0 + jj;
+        const long row = col >= cols ? -1 : row_of ? row_of[col] : col;
+        const T* line = row >= 0 ? src + row * src_stride + k0 : nullptr;
+        for (long kk = 0; kk < block; ++kk) panel[(k0 + kk) * width + jj] = line ? line[kk] : T(0);
+      }
+    }
+  }
+  return {out, k_count, padded_cols, panel_width};
+}
+
 // The row of torch.nn's (G*H, .) weight behind packed gate column `col`, or -1 for padding.
 inline long torch_row_of_gate_column(const Layout& L, long col) {
   const long block = L.gates * L.panel_hidden;

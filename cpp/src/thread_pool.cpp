@@ -23,9 +23,12 @@
 namespace fastrnn {
 namespace {
 
-// How long an idle worker spins before it parks: long enough to cover the gap between the
-// layer calls of a training step, short enough not to steal a core from other work for long.
+// How long an idle worker waits for the next job before it parks: long enough to cover the gap
+// between the layer calls of a training step. It spins for the first kWorkerBusySpin, then yields
+// between checks, so other work on its core (say, torch's threads running an optimizer step
+// between fastrnn's calls) is not kept off the CPU.
 constexpr auto kWorkerSpin = std::chrono::microseconds(2000);
+constexpr auto kWorkerBusySpin = std::chrono::microseconds(50);
 // Barrier waits spin, then yield: with more threads than free cores a spinning waiter would
 // keep the thread it waits for off the CPU.
 constexpr int kBarrierSpinsBeforeYield = 1 << 14;
@@ -147,6 +150,7 @@ void ThreadPool::stop_workers() {
   for (auto& w : workers_) w.join();
   workers_.clear();
   stopping_.store(false);
+  workers_busy_.store(0);  // a stopping worker acknowledges nothing
 }
 
 void ThreadPool::publish_job() {
@@ -163,10 +167,18 @@ void ThreadPool::worker_loop(int index, std::uint64_t seen) {
   inside_region = true;  // a worker never starts a nested parallel region
   while (true) {
     std::uint64_t sequence = job_sequence_.load(std::memory_order_acquire);
-    const auto spin_until = std::chrono::steady_clock::now() + kWorkerSpin;
+    const auto idle_since = std::chrono::steady_clock::now();
+    bool yielding = false;
     for (unsigned spins = 0; sequence == seen; ++spins) {  // unsigned: wraps, never overflows
-      FASTRNN_CPU_RELAX();
-      if ((spins & 255) == 255 && std::chrono::steady_clock::now() > spin_until) {
+      if (yielding)
+        std::this_thread::yield();
+      else
+        FASTRNN_CPU_RELAX();
+      const auto idle = (spins & 255) == 255 || yielding
+                            ? std::chrono::steady_clock::now() - idle_since
+                            : std::chrono::steady_clock::duration::zero();
+      yielding = idle > kWorkerBusySpin;
+      if (idle > kWorkerSpin) {
         // Park. parked_ is raised before the check under the mutex, and publish_job reads it
         // after bumping the sequence, so either we see the new job or it sees us and notifies.
         parked_.fetch_add(1);
@@ -196,6 +208,21 @@ void ThreadPool::run_job(int threads, JobFn fn, void* body) {
   if (static_cast<int>(workers_.size()) != threads_.load() - 1) {
     stop_workers();
     start_workers(threads_.load() - 1);
+  }
+  // Waking a parked worker can take milliseconds here (performance.md): rather than wait for it
+  // at the first barrier, run this region alone and wake the workers for the next one. A worker
+  // still waking keeps later regions alone too, until it has acknowledged.
+  if (workers_busy_.load(std::memory_order_acquire) != 0 || parked_.load() > 0) {
+    if (workers_busy_.load(std::memory_order_acquire) == 0) {
+      job_threads_ = 1;  // an empty job: no worker's index is below 1
+      workers_busy_.store(static_cast<int>(workers_.size()), std::memory_order_relaxed);
+      publish_job();
+    }
+    SpinBarrier alone(1);
+    inside_region = true;
+    fn(body, ThreadContext{0, 1, &alone});
+    inside_region = false;
+    return;
   }
   SpinBarrier barrier(threads);
   job_fn_ = fn;

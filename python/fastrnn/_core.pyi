@@ -1,4 +1,4 @@
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -19,22 +19,25 @@ class PackedLayer:
     @property
     def dtype(self) -> np.dtype: ...
     @property
-    def cell(self) -> Literal["lstm", "rnn_tanh", "rnn_relu"]: ...
+    def cell(self) -> Literal["lstm", "gru", "rnn_tanh", "rnn_relu"]: ...
     @property
     def input_size(self) -> int: ...
     @property
     def hidden_size(self) -> int: ...
+    @property
+    def output_size(self) -> int: ...
     @property
     def has_bias(self) -> bool: ...
 
 class TrainingState: ...
 
 def pack(
-    cell: Literal["lstm", "rnn_tanh", "rnn_relu"],
+    cell: Literal["lstm", "gru", "rnn_tanh", "rnn_relu"],
     weight_ih: npt.ArrayLike,
     weight_hh: npt.ArrayLike,
     bias_ih: npt.ArrayLike | None = None,
     bias_hh: npt.ArrayLike | None = None,
+    weight_hr: npt.ArrayLike | None = None,
 ) -> PackedLayer: ...
 def forward(
     layer: PackedLayer,
@@ -42,7 +45,11 @@ def forward(
     h0: npt.ArrayLike | None = None,
     c0: npt.ArrayLike | None = None,
     training: bool = False,
+    batch_sizes: npt.ArrayLike | None = None,
+    reverse: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, TrainingState | None]: ...
+def forward_each(calls: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]: ...
+def backward_each(calls: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]: ...
 def backward(
     state: TrainingState,
     grad_out: npt.ArrayLike | None = None,
@@ -52,4 +59,5 @@ def backward(
     grad_weight_hh: np.ndarray | None = None,
     grad_bias_ih: np.ndarray | None = None,
     grad_bias_hh: np.ndarray | None = None,
+    grad_weight_hr: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]: ...

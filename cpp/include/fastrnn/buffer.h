@@ -6,8 +6,15 @@
 #include <cstring>
 #include <limits>
 #include <new>
+#include <utility>
 
 namespace fastrnn {
+
+// 64-byte aligned memory. Large blocks are recycled: a training step or a repack after an
+// optimizer step allocates the same sizes again, and fresh pages from the kernel (zeroed on the
+// first touch) cost more than the work on them (buffer.cpp). Throws std::bad_alloc.
+void* allocate_aligned(std::size_t bytes);
+void release_aligned(void* data, std::size_t bytes) noexcept;
 
 template <class T>
 class AlignedBuffer {
@@ -25,18 +32,14 @@ class AlignedBuffer {
     std::swap(size_, other.size_);
     return *this;
   }
-  ~AlignedBuffer() { std::free(data_); }
+  ~AlignedBuffer() { release(); }
 
   // Throws std::bad_alloc (MemoryError in Python) when the request cannot be met.
   void reset(std::size_t count) {
-    std::free(data_);
-    data_ = nullptr;
-    size_ = 0;
+    release();
     if (count == 0) return;
     if (count > (std::numeric_limits<std::size_t>::max() - 63) / sizeof(T)) throw std::bad_alloc();
-    const std::size_t bytes = (count * sizeof(T) + 63) / 64 * 64;
-    data_ = static_cast<T*>(std::aligned_alloc(64, bytes));
-    if (!data_) throw std::bad_alloc();
+    data_ = static_cast<T*>(allocate_aligned(bytes_of(count)));
     size_ = count;
   }
   void zero() {
@@ -47,6 +50,13 @@ class AlignedBuffer {
   std::size_t size() const { return size_; }
 
  private:
+  static std::size_t bytes_of(std::size_t count) { return (count * sizeof(T) + 63) / 64 * 64; }
+  void release() {
+    if (data_) release_aligned(data_, bytes_of(size_));
+    data_ = nullptr;
+    size_ = 0;
+  }
+
   T* data_ = nullptr;
   std::size_t size_ = 0;
 };

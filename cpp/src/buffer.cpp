@@ -1,0 +1,85 @@
+// The recycling of large aligned blocks behind AlignedBuffer.
+#include "fastrnn/buffer.h"
+
+#include <pthread.h>
+
+#include <cstdlib>
+#include <mutex>
+#include <new>
+#include <vector>
+
+namespace fastrnn {
+namespace {
+
+// Blocks from this size up are kept for reuse (smaller ones are fast in malloc's own bins), up to
+// kCachedBytes in all; a request takes a kept block at most a quarter larger than itself.
+constexpr std::size_t kMinCachedBlock = std::size_t{64} << 10;
+constexpr std::size_t kCachedBytes = std::size_t{64} << 20;
+
+struct Block {
+  void* data;
+  std::size_t bytes;
+};
+
+struct Cache {
+  std::mutex mutex;
+  std::vector<Block> blocks;  // oldest first
+  std::size_t bytes = 0;
+};
+
+Cache& cache() {
+  // Never destroyed: buffers may be released while the interpreter exits.
+  static Cache* instance = [] {
+    auto* c = new Cache();
+    // A fork while another thread holds the lock would leave it locked in the child.
+    pthread_atfork(nullptr, nullptr, [] { new (&cache().mutex) std::mutex(); });
+    return c;
+  }();
+  return *instance;
+}
+
+}  // namespace
+
+void* allocate_aligned(std::size_t bytes) {
+  if (bytes >= kMinCachedBlock) {
+    Cache& c = cache();
+    std::lock_guard<std::mutex> lock(c.mutex);
+    std::size_t best = c.blocks.size();
+    for (std::size_t i = 0; i < c.blocks.size(); ++i) {
+      const std::size_t size = c.blocks[i].bytes;
+      if (size >= bytes && size - bytes <= bytes / 4 &&
+          (best == c.blocks.size() || size < c.blocks[best].bytes))
+        best = i;
+    }
+    if (best < c.blocks.size()) {
+      void* data = c.blocks[best].data;
+      c.bytes -= c.blocks[best].bytes;
+      c.blocks.erase(c.blocks.begin() + static_cast<long>(best));
+      return data;
+    }
+  }
+  void* data = std::aligned_alloc(64, bytes);
+  if (!data) throw std::bad_alloc();
+  return data;
+}
+
+void release_aligned(void* data, std::size_t bytes) noexcept {
+  if (bytes >= kMinCachedBlock && bytes <= kCachedBytes) {
+    Cache& c = cache();
+    std::lock_guard<std::mutex> lock(c.mutex);
+    while (c.bytes + bytes > kCachedBytes) {  // the oldest blocks go first
+      std::free(c.blocks.front().data);
+      c.bytes -= c.blocks.front().bytes;
+      c.blocks.erase(c.blocks.begin());
+    }
+    try {
+      c.blocks.push_back({data, bytes});
+      c.bytes += bytes;
+      return;
+    } catch (...) {  // no room to remember it: give it back
+    }
+  }
+  std::free(data);
+}
+
+}  // namespace fastrnn
