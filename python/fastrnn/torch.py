@@ -1,0 +1,557 @@
+"""fastrnn inside PyTorch models: ``LSTM``, ``GRU`` and ``RNN`` that *are* torch.nn modules.
+
+Install with the extra ``pip install fastrnn[torch]``. The classes subclass ``torch.nn.LSTM``,
+``torch.nn.GRU`` and ``torch.nn.RNN`` and keep their constructor, parameters, ``state_dict``,
+``repr`` and call; only the computation changes::
+
+    import torch
+    import fastrnn.torch
+
+    lstm = fastrnn.torch.LSTM(128, 256, num_layers=2, batch_first=True)  # as torch.nn.LSTM
+    out, (h_n, c_n) = lstm(x)            # forward on fastrnn's kernels
+    out.sum().backward()                 # backward too: x, hx and every parameter get .grad
+
+    model = fastrnn.torch.patch(model)   # every nn.LSTM / nn.GRU / nn.RNN inside, in place
+    fast = fastrnn.torch.LSTM.from_torch(torch_lstm)  # one module, sharing its Parameters
+
+What runs where:
+
+* CPU float32 or float64 tensors (input, states and weights of one dtype), padded or
+  :class:`~torch.nn.utils.rnn.PackedSequence` input, batched or not, every constructor option
+  (``num_layers``, ``bidirectional``, ``bias``, ``batch_first``, ``dropout``, ``proj_size``,
+  ``nonlinearity``): fastrnn, through one ``torch.autograd.Function`` per call.
+* Anything else (other devices or dtypes, autocast, ``vmap`` / ``torch.func`` transforms, tensor
+  subclasses): torch's own implementation, with a :class:`FastRNNFallbackWarning` once per module.
+  Under ``torch.compile`` tracing it is torch's own implementation, silently.
+
+Weights: each module keeps a private fastrnn layer (one per weight dtype) that reads the
+parameters without copying them and packs them lazily. Before each forward every Parameter's
+``(data_ptr(), _version)`` is compared with the last call and only the changed ones are repacked,
+so optimizer steps, ``load_state_dict``, ``.to()`` and ``.data = ...`` are all seen. Weights that
+are not Parameters (parametrizations, ``torch.func.functional_call``) are repacked on every call.
+In-place writes that torch's version counter does not see (``param.data.mul_(...)``, writes
+through a NumPy view) need ``module.repack_weights()`` before the next forward.
+
+Autograd: a forward keeps what its backward needs only when grad mode is on and some input or
+weight requires grad. A second backward through one forward (``retain_graph=True``, gradcheck,
+jacobians) runs that forward again on its saved inputs; double backward is not supported. A
+backward uses the weights its forward ran with, even if an optimizer changed them in between
+(torch.nn raises an error there instead).
+
+Speed: every optimizer step makes all weights stale, so the next forward repacks them (units of
+a multi-layer or bidirectional module side by side). fastrnn's thread pool and torch's OpenMP
+workers both spin for a while after their work; on few cores they slow each other down, so where
+the recurrent layers dominate, try ``torch.set_num_threads(1)`` (fastrnn keeps its own threads).
+
+Dropout between layers follows ``module.training``; its masks come from a NumPy generator seeded
+from torch's generator, so ``torch.manual_seed`` makes runs reproducible (the masks differ from
+torch.nn's own).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+from torch.nn.utils.rnn import PackedSequence
+
+from . import _core
+from . import layers as _layers
+
+__all__ = ["GRU", "LSTM", "RNN", "FastRNNFallbackWarning", "patch"]
+
+_NUMPY_DTYPE: dict[torch.dtype, type] = {torch.float32: np.float32, torch.float64: np.float64}
+
+_is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: False)
+_has_torch_function = torch._C._has_torch_function
+_functorch = getattr(torch._C, "_functorch", None)
+_is_functorch_wrapped = getattr(_functorch, "is_functorch_wrapped_tensor", lambda t: False)
+
+
+class FastRNNFallbackWarning(UserWarning):
+    """A fastrnn.torch module ran torch's own implementation (shown once per module)."""
+
+
+class _Spec:
+    """One private fastrnn layer and the torch parameters it mirrors, by position in torch's
+    ``_flat_weights``."""
+
+    __slots__ = ("layer", "dtype", "names", "units", "unit_order", "shapes", "lstm", "synced")
+
+    def __init__(self, layer: _layers._RNNBase, dtype: torch.dtype, names: list[str]) -> None:
+        self.layer = layer
+        self.dtype = dtype
+        self.names = names
+        self.units = [layer._unit_of(name) for name in names]
+        self.unit_order = layer._units()
+        self.shapes = [layer._params[name].shape for name in names]
+        self.lstm = layer._gates == 4
+        # Per parameter: (data_ptr, _version, the tensor it was read from) at the last refresh, or
+        # None. Holding the tensor keeps its storage alive, so no other tensor can reuse the
+        # address and look unchanged.
+        self.synced: list[tuple[int, int, torch.Tensor] | None] = [None] * len(names)
+
+
+class _Adapter:
+    """Per-module state of the adapter: the fastrnn layer (per weight dtype) and the warning."""
+
+    __slots__ = ("spec", "warned")
+
+    def __init__(self) -> None:
+        self.spec: _Spec | None = None
+        self.warned = False
+
+
+def _sync_weights(spec: _Spec, weights: list[torch.Tensor], trust_versions: bool = True) -> None:
+    """Point the fastrnn layer at every weight changed since the last call (it repacks those
+    lazily, on its next forward). Only Parameters are trusted to be unchanged while their
+    ``(data_ptr, _version)`` is: plain tensors (parametrizations, functional_call, gradcheck's
+    perturbations through ``.data``) are re-read on every call."""
+    synced, params, packed = spec.synced, spec.layer._params, spec.layer._packed
+    for i, w in enumerate(weights):
+        record = synced[i]
+        try:
+            version = w._version if trust_versions and isinstance(w, nn.Parameter) else -1
+        except RuntimeError:  # inference tensors have no version counter: always re-read
+            version = -1
+        ptr = w.data_ptr()
+        if record is not None and version >= 0 and record[0] == ptr and record[1] == version:
+            continue
+        held = w.detach()
+        array = held.numpy()
+        if not array.flags.c_contiguous:
+            array = np.ascontiguousarray(array)
+            version = -1  # a copy: views with the same address may differ; re-read next time
+        array.flags.writeable = False
+        # A view of torch's memory, no copy: the layer packs from it on its next forward.
+        params[spec.names[i]] = array
+        packed.pop(spec.units[i], None)
+        synced[i] = (ptr, version, held)
+
+
+_pack_pool: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def _pack_stale_units(spec: _Spec) -> None:
+    """Pack the units (layer and direction) an update made stale side by side: packing is
+    single-threaded and releases the GIL, and after an optimizer step every unit is stale. A
+    single unit is left to the forward."""
+    global _pack_pool
+    layer = spec.layer
+    stale = [unit for unit in spec.unit_order if unit not in layer._packed]
+    threads = min(len(stale), _core.get_num_threads())
+    if threads < 2:
+        return
+    if _pack_pool is None or _pack_pool[0] != os.getpid():  # a forked child needs new threads
+        _pack_pool = (os.getpid(), ThreadPoolExecutor(2, thread_name_prefix="fastrnn-pack"))
+    cell = layer._cell
+    # The caller packs one share itself; the pool's two threads take the others.
+    shares = [stale[i::threads] for i in range(threads)]
+    futures = [
+        _pack_pool[1].submit(lambda units: [layer._packed_unit(u, cell) for u in units], share)
+        for share in shares[1:]
+    ]
+    for unit in shares[0]:
+        layer._packed_unit(unit, cell)
+    for future in futures:
+        future.result()
+
+
+def _numpy_forward(
+    spec: _Spec,
+    batch_sizes: np.ndarray | None,
+    dropout: tuple[float, int] | None,
+    x: torch.Tensor,
+    h0: torch.Tensor | None,
+    c0: torch.Tensor | None,
+    keep: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, Any]:
+    """fastrnn's layer stack on time-major (or packed-row) tensors; zero-copy both ways.
+    ``dropout`` is (p, seed of the masks' generator) or None."""
+    layer = spec.layer
+    if dropout is not None:
+        layer.dropout = dropout[0]
+        layer._rng = np.random.default_rng(dropout[1])
+    out, h_n, c_n, tape = layer._forward_rows(
+        x.detach().numpy(),
+        batch_sizes,
+        None if h0 is None else h0.detach().numpy(),
+        None if c0 is None else c0.detach().numpy(),
+        keep,
+        dropout is not None,
+    )
+    c_t = None if c_n is None else torch.from_numpy(c_n)
+    return torch.from_numpy(out), torch.from_numpy(h_n), c_t, tape
+
+
+def _grad_array(grad: torch.Tensor | None) -> np.ndarray | None:
+    # Upstream gradients may be expanded (stride 0) or transposed views: the core copies those.
+    return None if grad is None else grad.resolve_neg().numpy()
+
+
+class _RNNFunction(torch.autograd.Function):
+    """out, h_n[, c_n] = f(x, h0, c0, *flat weights), forward and backward by fastrnn."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        spec: _Spec,
+        batch_sizes: np.ndarray | None,
+        dropout: tuple[float, int] | None,
+        x: torch.Tensor,
+        h0: torch.Tensor | None,
+        c0: torch.Tensor | None,
+        *weights: torch.Tensor,
+    ) -> tuple[torch.Tensor | None, ...]:
+        ctx.set_materialize_grads(False)  # unused outputs give None: the kernels skip zeros
+        out, h_n, c_n, tape = _numpy_forward(spec, batch_sizes, dropout, x, h0, c0, keep=True)
+        # The tape lives in ctx, never on the module: a module may run several forwards before
+        # one backward. The inputs are saved only to run the forward again for a second
+        # backward (retain_graph=True: gradcheck, jacobians); the kernels consume the tape.
+        ctx.spec, ctx.tape, ctx.batch_sizes, ctx.dropout = spec, tape, batch_sizes, dropout
+        ctx.save_for_backward(x, h0, c0, *weights)
+        return (out, h_n, c_n) if spec.lstm else (out, h_n)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        spec, tape = ctx.spec, ctx.tape
+        ctx.tape = None
+        if tape is None:  # a second backward: the same forward again, on the saved inputs
+            x, h0, c0, *weights = ctx.saved_tensors  # torch checks they were not modified
+            _sync_weights(spec, weights, trust_versions=False)
+            tape = _numpy_forward(spec, ctx.batch_sizes, ctx.dropout, x, h0, c0, keep=True)[3]
+        needs = ctx.needs_input_grad  # (spec, batch_sizes, dropout, x, h0, c0, *weights)
+        dtype = _NUMPY_DTYPE[spec.dtype]
+        # The kernels add into these; weight gradients are required by the core, bias ones not.
+        param_grads: dict[str, np.ndarray | None] = {}
+        for name, shape, need in zip(spec.names, spec.shapes, needs[6:]):
+            wanted = need or not name.startswith("bias")
+            param_grads[name] = np.zeros(shape, dtype) if wanted else None
+        grad_out, grad_h = grads[0], grads[1]
+        grad_c = grads[2] if spec.lstm else None
+        dx, dh0, dc0 = spec.layer._backward_rows(
+            tape, _grad_array(grad_out), _grad_array(grad_h), _grad_array(grad_c), param_grads
+        )
+        weight_grads = [
+            torch.from_numpy(g) if need and g is not None else None
+            for g, need in zip(param_grads.values(), needs[6:])
+        ]
+        return (
+            None,
+            None,
+            None,
+            torch.from_numpy(dx) if needs[3] else None,
+            torch.from_numpy(dh0) if needs[4] else None,
+            torch.from_numpy(dc0) if needs[5] and dc0 is not None else None,
+            *weight_grads,
+        )
+
+
+class _FastRNNMixin:
+    """The forward shared by LSTM, GRU and RNN; everything else is torch.nn's RNNBase."""
+
+    # Declared for type checkers; torch.nn.RNNBase provides them.
+    mode: str
+    input_size: int
+    hidden_size: int
+    num_layers: int
+    bias: bool
+    batch_first: bool
+    dropout: float
+    bidirectional: bool
+    proj_size: int
+    training: bool
+    _flat_weights: list[Any]
+    _flat_weights_names: list[str]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._fastrnn = _Adapter()
+
+    @classmethod
+    def from_torch(cls, module: nn.RNNBase) -> Any:
+        """A new module of this class with ``module``'s options, hooks and training mode that
+        shares its Parameter objects (an optimizer built on ``module`` keeps working)."""
+        state = module.__getstate__()
+        new = cls.__new__(cls)
+        new.__setstate__(state)
+        # Containers the old and the new module would otherwise share: later registrations on
+        # one must not change the other.
+        for key in ("_parameters", "_buffers", "_modules", "_flat_weights", "_flat_weights_names"):
+            if key in state:
+                new.__dict__[key] = copy.copy(state[key])
+        new.__dict__["_all_weights"] = [list(names) for names in state["_all_weights"]]
+        return new
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()  # type: ignore[misc]
+        state.pop("_fastrnn", None)  # packed weights are per process; a copy repacks
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # type: ignore[misc]
+        self.__dict__["_fastrnn"] = _Adapter()
+
+    def repack_weights(self) -> None:
+        """Repack every parameter on the next forward (needed only after writes that bypass
+        torch's version counter, e.g. through ``param.data`` or a NumPy view)."""
+        self._fastrnn.spec = None
+
+    # -- dispatch -----------------------------------------------------------------------------
+
+    def forward(self, input: Any, hx: Any = None) -> Any:
+        weights = self._flat_weights
+        params = self._parameters  # type: ignore[attr-defined]
+        for name, weight in zip(self._flat_weights_names, weights):
+            if params.get(name) is not weight:  # functional_call, parametrize, ...: torch's check
+                self._update_flat_weights()  # type: ignore[attr-defined]
+                weights = self._flat_weights
+                break
+        packed = isinstance(input, PackedSequence)
+        data = input.data if packed else input
+        reason = self._unsupported(data, hx, weights)
+        if reason is not None:
+            if reason:
+                self._warn_fallback(reason)
+            return super().forward(input, hx)  # type: ignore[misc]
+        prepared = self._prepare(input, hx, packed)
+        if prepared is None:  # bad shapes: torch's forward raises its own error
+            return super().forward(input, hx)  # type: ignore[misc]
+        x, batch_sizes, h0, c0, batched = prepared
+
+        spec = self._synced_spec(weights, x.dtype)
+        dropout = None
+        if self.training and self.dropout > 0 and self.num_layers > 1:
+            # The masks' seed comes from torch's generator: torch.manual_seed fixes them.
+            dropout = (float(self.dropout), int(torch.randint(0, 2**62, (), dtype=torch.int64)))
+        keep = torch.is_grad_enabled() and (
+            x.requires_grad
+            or (h0 is not None and h0.requires_grad)
+            or (c0 is not None and c0.requires_grad)
+            or any(w.requires_grad for w in weights)
+        )
+        bs = None if batch_sizes is None else batch_sizes.numpy()
+        if keep:
+            result = _RNNFunction.apply(spec, bs, dropout, x, h0, c0, *weights)
+            out, h_n = result[0], result[1]
+            c_n = result[2] if spec.lstm else None
+        else:
+            out, h_n, c_n, _ = _numpy_forward(spec, bs, dropout, x, h0, c0, keep=False)
+
+        if packed:
+            unsorted = input.unsorted_indices
+            if unsorted is not None:
+                h_n = h_n.index_select(1, unsorted)
+                c_n = None if c_n is None else c_n.index_select(1, unsorted)
+            output: Any = PackedSequence(
+                out, input.batch_sizes, input.sorted_indices, input.unsorted_indices
+            )
+        elif not batched:
+            output = out.squeeze(1)
+            h_n = h_n.squeeze(1)
+            c_n = None if c_n is None else c_n.squeeze(1)
+        else:
+            output = out.transpose(0, 1) if self.batch_first else out
+        return (output, (h_n, c_n)) if spec.lstm else (output, h_n)
+
+    def _unsupported(self, x: Any, hx: Any, weights: list[Any]) -> str | None:
+        """None when fastrnn can run this call; else why not ("" for a silent fallback)."""
+        if _is_compiling() or not isinstance(x, torch.Tensor):
+            return ""
+        if not x.is_cpu:
+            return f"the input is on {x.device}"
+        dtype = x.dtype
+        if dtype not in _NUMPY_DTYPE:
+            return f"the input's dtype is {dtype}"
+        if x.layout is not torch.strided:
+            return ""
+        states = hx if isinstance(hx, (tuple, list)) else (hx,)
+        tensors = [x]
+        for t in (*weights, *states):
+            if t is None:
+                continue
+            if not isinstance(t, torch.Tensor):
+                return ""  # torch raises its own error
+            if t.dtype is not dtype or not t.is_cpu:
+                return (
+                    f"the input is {dtype} on cpu but a weight or state is {t.dtype} on {t.device}"
+                )
+            tensors.append(t)
+        if _any_autocast():
+            return "autocast is enabled"
+        if _has_torch_function(tuple(tensors)):
+            return "a tensor subclass with __torch_function__ is involved"
+        if _is_functorch_wrapped(x):
+            return "a torch.func transform (vmap, grad, ...) is active"
+        return None
+
+    def _warn_fallback(self, reason: str) -> None:
+        adapter = self._fastrnn
+        if adapter.warned:
+            return
+        adapter.warned = True
+        warnings.warn(
+            f"{type(self).__module__}.{type(self).__name__}: {reason}; running torch's own "
+            "implementation (fastrnn runs CPU float32/float64). Shown once per module.",
+            FastRNNFallbackWarning,
+            stacklevel=5,  # _warn_fallback, forward, _call_impl, __call__, the caller
+        )
+
+    def _prepare(
+        self, input: Any, hx: Any, packed: bool
+    ) -> (
+        tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, bool]
+        | None
+    ):
+        """Time-major contiguous x (or packed rows) and states (layers * directions, batch, n)
+        in the kernels' order; None when a shape is wrong (torch's forward then raises)."""
+        lstm = self.mode == "LSTM"
+        batch_sizes = None
+        batched = True
+        if packed:
+            x, batch_sizes, sorted_indices = input.data, input.batch_sizes, input.sorted_indices
+            if x.dim() != 2 or batch_sizes.dtype is not torch.int64 or batch_sizes.dim() != 1:
+                return None
+            batch = int(batch_sizes[0])
+        else:
+            sorted_indices = None
+            x = input
+            if x.dim() == 2:
+                batched = False
+                x = x.unsqueeze(1)
+            elif x.dim() == 3:
+                if self.batch_first:
+                    x = x.transpose(0, 1)
+            else:
+                return None
+            if x.shape[0] == 0 or x.shape[1] == 0:
+                return None
+            batch = x.shape[1]
+        if x.shape[-1] != self.input_size:
+            return None
+        x = x.contiguous()
+
+        units = self.num_layers * (2 if self.bidirectional else 1)
+        h_shape = (units, batch, self.proj_size or self.hidden_size)
+        h0 = c0 = None
+        if hx is not None:
+            if lstm:
+                if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+                    return None
+                h0, c0 = hx
+            elif isinstance(hx, torch.Tensor):
+                h0 = hx
+            else:
+                return None
+            if not batched:
+                if h0.dim() != 2 or (c0 is not None and c0.dim() != 2):
+                    return None
+                h0 = h0.unsqueeze(1)
+                c0 = None if c0 is None else c0.unsqueeze(1)
+            if h0.shape != h_shape:
+                return None
+            if c0 is not None and c0.shape != (units, batch, self.hidden_size):
+                return None
+            if sorted_indices is not None:  # the states follow the user's batch order
+                h0 = h0.index_select(1, sorted_indices)
+                c0 = None if c0 is None else c0.index_select(1, sorted_indices)
+        return x, batch_sizes, h0, c0, batched
+
+    # -- weights --------------------------------------------------------------------------------
+
+    def _synced_spec(self, weights: list[torch.Tensor], dtype: torch.dtype) -> _Spec:
+        """The fastrnn layer for this dtype, pointed at the current parameters."""
+        adapter = self._fastrnn
+        spec = adapter.spec
+        if spec is None or spec.dtype is not dtype:
+            spec = adapter.spec = _Spec(
+                self._new_layer(_NUMPY_DTYPE[dtype]), dtype, list(self._flat_weights_names)
+            )
+        _sync_weights(spec, weights)
+        _pack_stale_units(spec)
+        return spec
+
+    def _new_layer(self, dtype: type) -> _layers._RNNBase:
+        options: dict[str, Any] = dict(
+            num_layers=self.num_layers,
+            bias=self.bias,
+            batch_first=False,  # the adapter hands over time-major tensors
+            # dropout only acts between layers; fastrnn warns like torch about one layer.
+            dropout=float(self.dropout) if self.num_layers > 1 else 0.0,
+            bidirectional=self.bidirectional,
+            dtype=dtype,
+            seed=0,
+        )
+        if self.mode == "LSTM":
+            layer: _layers._RNNBase = _layers.LSTM(
+                self.input_size, self.hidden_size, proj_size=self.proj_size, **options
+            )
+        elif self.mode == "GRU":
+            layer = _layers.GRU(self.input_size, self.hidden_size, **options)
+        else:
+            nonlinearity = "relu" if self.mode == "RNN_RELU" else "tanh"
+            layer = _layers.RNN(
+                self.input_size, self.hidden_size, nonlinearity=nonlinearity, **options
+            )
+        layer.grads = {}  # the adapter passes its own gradient arrays
+        if list(layer._params) != list(self._flat_weights_names):
+            raise RuntimeError(
+                f"fastrnn.torch: parameter names {list(layer._params)} do not match torch's "
+                f"{list(self._flat_weights_names)}"
+            )
+        return layer
+
+
+class LSTM(_FastRNNMixin, nn.LSTM):
+    """torch.nn.LSTM on fastrnn's kernels: same constructor, parameters, state_dict and call
+    (``out, (h_n, c_n) = lstm(x, (h0, c0))``); see the module docstring."""
+
+
+class GRU(_FastRNNMixin, nn.GRU):
+    """torch.nn.GRU on fastrnn's kernels: same constructor, parameters, state_dict and call
+    (``out, h_n = gru(x, h0)``); see the module docstring."""
+
+
+class RNN(_FastRNNMixin, nn.RNN):
+    """torch.nn.RNN (tanh or relu) on fastrnn's kernels: same constructor, parameters,
+    state_dict and call (``out, h_n = rnn(x, h0)``); see the module docstring."""
+
+
+_REPLACEMENTS: dict[type, type] = {nn.LSTM: LSTM, nn.GRU: GRU, nn.RNN: RNN}
+
+
+def patch(model: nn.Module) -> nn.Module:
+    """Replace every ``torch.nn.LSTM``, ``GRU`` and ``RNN`` inside ``model`` by its fastrnn.torch
+    twin, in place, and return ``model``.
+
+    The replacements share the originals' Parameter objects (values, device, dtype and
+    ``requires_grad`` are kept, and an optimizer created before the patch keeps updating them),
+    their hooks and training mode. Only modules whose type is exactly one of the three are
+    replaced: subclasses (own forward, parametrized modules) are left alone. A module shared by
+    several parents gets one replacement.
+
+    If ``model`` itself is an ``nn.LSTM``, ``nn.GRU`` or ``nn.RNN``, a new module is returned
+    (sharing the parameters) and ``model`` is left unchanged: use ``model = patch(model)``.
+    """
+    own = _REPLACEMENTS.get(type(model))
+    if own is not None:
+        return own.from_torch(model)  # type: ignore[attr-defined, no-any-return]
+    replaced: dict[int, nn.Module] = {}
+    for parent in list(model.modules()):
+        for name, child in list(parent._modules.items()):
+            cls = _REPLACEMENTS.get(type(child))
+            if cls is None:
+                continue
+            if id(child) not in replaced:
+                replaced[id(child)] = cls.from_torch(child)  # type: ignore[attr-defined]
+            setattr(parent, name, replaced[id(child)])
+    return model
