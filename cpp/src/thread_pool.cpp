@@ -209,21 +209,6 @@ void ThreadPool::run_job(int threads, JobFn fn, void* body) {
     stop_workers();
     start_workers(threads_.load() - 1);
   }
-  // Waking a parked worker can take milliseconds here (performance.md): rather than wait for it
-  // at the first barrier, run this region alone and wake the workers for the next one. A worker
-  // still waking keeps later regions alone too, until it has acknowledged.
-  if (workers_busy_.load(std::memory_order_acquire) != 0 || parked_.load() > 0) {
-    if (workers_busy_.load(std::memory_order_acquire) == 0) {
-      job_threads_ = 1;  // an empty job: no worker's index is below 1
-      workers_busy_.store(static_cast<int>(workers_.size()), std::memory_order_relaxed);
-      publish_job();
-    }
-    SpinBarrier alone(1);
-    inside_region = true;
-    fn(body, ThreadContext{0, 1, &alone});
-    inside_region = false;
-    return;
-  }
   SpinBarrier barrier(threads);
   job_fn_ = fn;
   job_body_ = body;

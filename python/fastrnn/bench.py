@@ -445,7 +445,9 @@ def run_benchmarks(
     workers = {lib: Worker(lib) for lib in libraries}
     results = []
     try:
-        jobs = [(c, m) for c in cases for m in modes]
+        jobs = [
+            (c, m) for c in cases for m in modes if any(supported(lib, c, m) for lib in libraries)
+        ]
         if "torch" in workers:
             jobs.insert(0, (SGEMM, "inference"))
         for index, (case, mode) in enumerate(jobs):
