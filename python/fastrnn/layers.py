@@ -829,9 +829,9 @@ class _CellBase(_Module):
         self,
         input_size: int,
         hidden_size: int,
-        bias: bool,
-        dtype: Any,
-        seed: int | np.random.Generator | None,
+        bias: bool = True,
+        dtype: Any = np.float32,
+        seed: int | np.random.Generator | None = None,
     ) -> None:
         self.input_size = _positive_int(input_size, "input_size")
         self.hidden_size = _positive_int(hidden_size, "hidden_size")
@@ -936,16 +936,6 @@ class LSTMCell(_CellBase):
     _gates = 4
     _cell = "lstm"
 
-    def __init__(
-        self,
-        input_size: int,
-        hidden_size: int,
-        bias: bool = True,
-        dtype: Any = np.float32,
-        seed: int | np.random.Generator | None = None,
-    ) -> None:
-        super().__init__(input_size, hidden_size, bias, dtype, seed)
-
     def __call__(self, x: Any, hx: tuple[Any, Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
         return self.forward(x, hx)
 
@@ -971,16 +961,6 @@ class GRUCell(_CellBase):
     __doc__ = (__doc__ or "") + (_CellBase.__doc__ or "")
     _gates = 3
     _cell = "gru"
-
-    def __init__(
-        self,
-        input_size: int,
-        hidden_size: int,
-        bias: bool = True,
-        dtype: Any = np.float32,
-        seed: int | np.random.Generator | None = None,
-    ) -> None:
-        super().__init__(input_size, hidden_size, bias, dtype, seed)
 
     def __call__(self, x: Any, hx: Any = None) -> np.ndarray:
         return self.forward(x, hx)
