@@ -150,7 +150,6 @@ void ThreadPool::stop_workers() {
   for (auto& w : workers_) w.join();
   workers_.clear();
   stopping_.store(false);
-  workers_busy_.store(0);  // a stopping worker acknowledges nothing
 }
 
 void ThreadPool::publish_job() {
@@ -174,9 +173,11 @@ void ThreadPool::worker_loop(int index, std::uint64_t seen) {
         std::this_thread::yield();
       else
         FASTRNN_CPU_RELAX();
-      const auto idle = (spins & 255) == 255 || yielding
-                            ? std::chrono::steady_clock::now() - idle_since
-                            : std::chrono::steady_clock::duration::zero();
+      if (!yielding && (spins & 255) != 255) {  // the clock is read every 256 spins, every yield
+        sequence = job_sequence_.load(std::memory_order_acquire);
+        continue;
+      }
+      const auto idle = std::chrono::steady_clock::now() - idle_since;
       yielding = idle > kWorkerBusySpin;
       if (idle > kWorkerSpin) {
         // Park. parked_ is raised before the check under the mutex, and publish_job reads it
