@@ -141,6 +141,15 @@ def _layer_options(case: Case) -> dict[str, Any]:
     return options
 
 
+def _fastrnn_layer(case: Case) -> Any:
+    """The fastrnn layer of a case (an LSTM for the cell step), weights seeded."""
+    import fastrnn
+
+    kind = case.cell.replace("_cell", "")
+    layer_class = {"lstm": fastrnn.LSTM, "gru": fastrnn.GRU}.get(kind, fastrnn.RNN)
+    return layer_class(case.hidden, case.hidden, seed=0, **_layer_options(case))
+
+
 def fastrnn_runner(case: Case, mode: str, threads: int) -> Callable[[], Any]:
     import fastrnn
 
@@ -160,8 +169,7 @@ def fastrnn_runner(case: Case, mode: str, threads: int) -> Callable[[], Any]:
             cell.backward(grad[0])
 
         return train_step
-    layer_class = {"lstm": fastrnn.LSTM, "gru": fastrnn.GRU}.get(case.cell, fastrnn.RNN)
-    layer = layer_class(h, h, seed=0, **_layer_options(case))
+    layer = _fastrnn_layer(case)
     lengths = case.sequence_lengths()
     if mode == "inference":
         layer.eval()
@@ -175,14 +183,11 @@ def fastrnn_runner(case: Case, mode: str, threads: int) -> Callable[[], Any]:
 
 
 def reference_runner(case: Case, mode: str, threads: int) -> Callable[[], Any]:
-    import fastrnn
     from fastrnn import reference
 
     x, grad = _inputs(case, np.random.default_rng(0))
-    h = case.hidden
     lengths = case.sequence_lengths()
-    layer_class = {"lstm": fastrnn.LSTM, "gru": fastrnn.GRU}.get(case.cell.replace("_cell", ""))
-    layer = (layer_class or fastrnn.RNN)(h, h, seed=0, **_layer_options(case))
+    layer = _fastrnn_layer(case)
     p = {name[: -len("_l0")]: value for name, value in layer.state_dict().items()}
     weights = (p["weight_ih"], p["weight_hh"], p["bias_ih"], p["bias_hh"])
     run_forward: Callable[[], Any]

@@ -373,21 +373,21 @@ class _RNNBase(_Module):
         h_n, c_n = [], []
         layer_input = x
         for layer in range(self.num_layers):
+            first = layer * self.num_directions
             calls = [
                 (
-                    self._packed_unit(units[k], self._cell),
+                    self._packed_unit(units[first + d], self._cell),
                     layer_input,
-                    None if h0 is None else h0[k],
-                    None if c0 is None else c0[k],
+                    None if h0 is None else h0[first + d],
+                    None if c0 is None else c0[first + d],
                     keep,
                     batch_sizes,
                     d == 1,
                 )
                 for d in range(self.num_directions)
-                for k in [layer * self.num_directions + d]
             ]
             # The two directions run at once, each on a thread of its own.
-            results = [_core.forward(*calls[0])] if len(calls) == 1 else _core.forward_each(calls)
+            results = _core.forward_each(calls)
             outs = [out for out, _, _, _ in results]
             layer_states = [saved for _, _, _, saved in results]
             h_n += [h for _, h, _, _ in results]
@@ -446,8 +446,10 @@ class _RNNBase(_Module):
                         grads.get(f"weight_hr_{unit}"),
                     )
                 )
-            results = [_core.backward(*calls[0])] if directions == 1 else _core.backward_each(calls)
-            grad_input = results[0][0] if directions == 1 else results[0][0] + results[1][0]
+            results = _core.backward_each(calls)
+            grad_input = results[0][0]  # x feeds both directions: their dx add up
+            for dx, _, _ in results[1:]:
+                grad_input = grad_input + dx
             for d, (_, dh, dc) in enumerate(results):
                 dh0[layer * directions + d], dc0[layer * directions + d] = dh, dc
             grad = grad_input
