@@ -939,3 +939,55 @@ def test_nested_lists_convert_to_the_layer_dtype(kind):
     as_ints = layer([[[1, 2, 3]]])[0]
     assert as_floats.dtype == as_ints.dtype == np.float32
     np.testing.assert_array_equal(layer(np.array([[[1, 2, 3]]], np.float32))[0], as_ints)
+
+
+# --------------------------------------------------------------------------- skipping dx
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("lengths", [None, [5, 3, 2]], ids=["equal", "lengths"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_backward_without_grad_input_gives_the_same_other_gradients(
+    isa, cell, lengths, reverse, dtype
+):
+    """grad_input=False skips dx (and its GEMM): dh0, dc0 and every parameter gradient are
+    those of the full backward."""
+    from fastrnn import _core
+
+    rng = np.random.default_rng(3)
+    gates = {"lstm": 4, "gru": 3}.get(cell, 1)
+    steps, batch, inputs, hidden = 5, 3, 7, 130
+    w = [
+        rng.standard_normal(s).astype(dtype) * 0.2
+        for s in [
+            (gates * hidden, inputs),
+            (gates * hidden, hidden),
+            (gates * hidden,),
+            (gates * hidden,),
+        ]
+    ]
+    layer = _core.pack(cell, *w)
+    if lengths is None:
+        x = rng.standard_normal((steps, batch, inputs)).astype(dtype)
+        batch_sizes, out_shape = None, (steps, batch, hidden)
+    else:
+        batch_sizes = np.array([sum(n > t for n in lengths) for t in range(steps)], np.int64)
+        x = rng.standard_normal((int(batch_sizes.sum()), inputs)).astype(dtype)
+        out_shape = (x.shape[0], hidden)
+    grad_out = rng.standard_normal(out_shape).astype(dtype)
+    results = []
+    for grad_input in (True, False):
+        state = _core.forward(layer, x, None, None, True, batch_sizes, reverse)[3]
+        grads = [np.zeros_like(a) for a in w]
+        dx, dh0, dc0 = _core.backward(state, grad_out, None, None, *grads, grad_input=grad_input)
+        results.append((dx, dh0, dc0, grads))
+    assert results[0][0] is not None and results[1][0] is None
+    for name, a, b in [
+        ("dh0", results[0][1], results[1][1]),
+        ("dc0", results[0][2], results[1][2]),
+    ]:
+        if a is not None:
+            assert_close(b, a, dtype, "grad", name)
+    for name, a, b in zip(PARAM_NAMES, results[0][3], results[1][3]):
+        assert_close(b, a, dtype, "grad", name)

@@ -129,3 +129,20 @@ sys.exit(os.waitstatus_to_exitcode(status))
     finally:
         os.remove(path)
     assert result.returncode == 0, result.stderr
+
+
+def test_use_openmp_needs_a_loaded_gnu_compatible_runtime(restore_threads):
+    from fastrnn import _core
+
+    previous = _core._openmp_library()
+    try:
+        with pytest.raises(RuntimeError, match="no-such-libgomp.so.1' is not loaded"):
+            _core._use_openmp("/nonexistent/no-such-libgomp.so.1")
+        # A loaded library without GOMP_parallel: fastrnn's own extension module.
+        with pytest.raises(RuntimeError, match="exports no GOMP_parallel"):
+            _core._use_openmp(_core.__file__)
+        assert _core._openmp_library() == previous  # a failed switch changes nothing
+        _core._use_openmp("")
+        assert _core._openmp_library() == ""
+    finally:
+        _core._use_openmp(previous)

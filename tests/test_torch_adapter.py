@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import os
 import pickle
 import warnings
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ torch = pytest.importorskip("torch")
 ft = pytest.importorskip("fastrnn.torch")
 
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence  # noqa: E402
+
+import fastrnn  # noqa: E402
 
 # torch's float32 LSTM with proj_size says it does not use oneDNN: not ours to report.
 pytestmark = pytest.mark.filterwarnings(
@@ -606,3 +609,63 @@ def test_importing_fastrnn_does_not_import_torch():
 
     code = "import sys, fastrnn; assert 'torch' not in sys.modules; import fastrnn.torch"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_parallel_regions_run_on_torchs_openmp_team():
+    """Importing fastrnn.torch moves fastrnn's regions onto torch's OpenMP threads (where torch
+    uses OpenMP and /proc shows its runtime); the results do not depend on which team runs them."""
+    from fastrnn import _core
+
+    library = _core._openmp_library()
+    if "parallel backend: OpenMP" in torch.__config__.parallel_info() and os.path.exists(
+        "/proc/self/maps"
+    ):
+        assert os.path.basename(library).startswith(("libgomp", "libiomp5", "libomp"))
+    if not library:
+        pytest.skip("torch runs no OpenMP runtime fastrnn can use here")
+    previous_threads = fastrnn.get_num_threads()
+    previous_torch = torch.get_num_threads()
+    fastrnn.set_num_threads(2)
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        m = ft.LSTM(16, 130, num_layers=2, bidirectional=True)
+        x = torch.randn(6, 3, 16, requires_grad=True)
+        results = []
+        for team in (library, ""):
+            _core._use_openmp(team)
+            m.zero_grad()
+            x.grad = None
+            out, _ = m(x)
+            (out * out).sum().backward()
+            results.append([out.detach(), x.grad, *(p.grad for p in m.parameters())])
+    finally:
+        _core._use_openmp(library)
+        fastrnn.set_num_threads(previous_threads)
+        torch.set_num_threads(previous_torch)
+    for a, b in zip(*results):
+        assert_close(a, b, np.float32, "grad")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_runs_on_fastrnns_own_workers():
+    """GNU OpenMP's team does not survive a fork: the child must not start a region on it."""
+    import subprocess
+    import sys
+
+    code = """
+import os, torch, fastrnn, fastrnn.torch as ft
+from fastrnn import _core
+fastrnn.set_num_threads(2)
+m = ft.LSTM(16, 130)
+x = torch.randn(5, 2, 16)
+expected = m(x)[0]  # a region on torch's team in the parent
+pid = os.fork()
+if pid == 0:
+    ok = _core._openmp_library() == "" and torch.equal(m(x)[0], expected)
+    os._exit(0 if ok else 3)
+_, status = os.waitpid(pid, 0)
+raise SystemExit(os.waitstatus_to_exitcode(status))
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+    assert result.returncode == 0, result.stderr.decode()

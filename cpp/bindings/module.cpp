@@ -325,12 +325,15 @@ py::object forward_any(const Layer& layer, const py::array& x, const std::option
 }
 
 template <class T>
-PreparedCall prepare_backward(
-    const std::shared_ptr<TrainingState<T>>& state, bool packed, bool& consumed,
-    const std::optional<py::array>& grad_out_in, const std::optional<py::array>& grad_h_n_in,
-    const std::optional<py::array>& grad_c_n_in, const std::optional<py::array>& grad_w_ih,
-    const std::optional<py::array>& grad_w_hh, const std::optional<py::array>& grad_b_ih,
-    const std::optional<py::array>& grad_b_hh, const std::optional<py::array>& grad_w_hr) {
+PreparedCall prepare_backward(const std::shared_ptr<TrainingState<T>>& state, bool packed,
+                              bool& consumed, const std::optional<py::array>& grad_out_in,
+                              const std::optional<py::array>& grad_h_n_in,
+                              const std::optional<py::array>& grad_c_n_in,
+                              const std::optional<py::array>& grad_w_ih,
+                              const std::optional<py::array>& grad_w_hh,
+                              const std::optional<py::array>& grad_b_ih,
+                              const std::optional<py::array>& grad_b_hh,
+                              const std::optional<py::array>& grad_w_hr, bool grad_input) {
   const Layout& L = state->layer->layout;
   const bool lstm = L.cell == Cell::lstm, projected = state->layer->projected();
   const Sequences& seq = state->sequences;
@@ -350,18 +353,20 @@ PreparedCall prepare_backward(
                           accumulator<T>(grad_b_ih, {gate_rows}, "grad_bias_ih"),
                           accumulator<T>(grad_b_hh, {gate_rows}, "grad_bias_hh"),
                           accumulator<T>(grad_w_hr, {L.output, L.hidden}, "grad_weight_hr")};
-  CArray<T> grad_x(rows_shape(seq, packed, L.input)), grad_h0(h_shape);
-  std::optional<CArray<T>> grad_c0;
+  std::optional<CArray<T>> grad_x, grad_c0;
+  if (grad_input) grad_x.emplace(rows_shape(seq, packed, L.input));
+  CArray<T> grad_h0(h_shape);
   if (lstm) grad_c0.emplace(c_shape);
   // The gradient accumulators are the caller's arrays, alive for the whole call.
   auto run = [state, grad_out = data_or_null(grad_out), grad_h_n = data_or_null(grad_h_n),
-              grad_c_n = data_or_null(grad_c_n), grad_x = grad_x.mutable_data(),
+              grad_c_n = data_or_null(grad_c_n), grad_x = grad_x ? grad_x->mutable_data() : nullptr,
               grad_h0 = grad_h0.mutable_data(),
               grad_c0 = grad_c0 ? grad_c0->mutable_data() : nullptr, grads] {
     backward<T>(*state, grad_out, grad_h_n, grad_c_n, grad_x, grad_h0, grad_c0, grads);
   };
   auto result = [grad_out, grad_h_n, grad_c_n, grad_x, grad_h0, grad_c0]() -> py::object {
-    return py::make_tuple(grad_x, grad_h0, grad_c0 ? py::object(*grad_c0) : py::none());
+    return py::make_tuple(grad_x ? py::object(*grad_x) : py::none(), grad_h0,
+                          grad_c0 ? py::object(*grad_c0) : py::none());
   };
   return {run, result, &consumed};
 }
@@ -373,15 +378,15 @@ PreparedCall prepare_backward_any(State& state, const std::optional<py::array>& 
                                   const std::optional<py::array>& grad_w_hh,
                                   const std::optional<py::array>& grad_b_ih,
                                   const std::optional<py::array>& grad_b_hh,
-                                  const std::optional<py::array>& grad_w_hr) {
+                                  const std::optional<py::array>& grad_w_hr, bool grad_input) {
   if (state.consumed)
     throw std::runtime_error(
         "backward was already run for this forward; run a training forward again");
   if (state.f32)
     return prepare_backward(state.f32, state.packed, state.consumed, grad_out, grad_h_n, grad_c_n,
-                            grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr);
+                            grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr, grad_input);
   return prepare_backward(state.f64, state.packed, state.consumed, grad_out, grad_h_n, grad_c_n,
-                          grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr);
+                          grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr, grad_input);
 }
 
 py::object backward_any(State& state, const std::optional<py::array>& grad_out,
@@ -391,9 +396,10 @@ py::object backward_any(State& state, const std::optional<py::array>& grad_out,
                         const std::optional<py::array>& grad_w_hh,
                         const std::optional<py::array>& grad_b_ih,
                         const std::optional<py::array>& grad_b_hh,
-                        const std::optional<py::array>& grad_w_hr) {
-  std::vector<PreparedCall> calls{prepare_backward_any(
-      state, grad_out, grad_h_n, grad_c_n, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr)};
+                        const std::optional<py::array>& grad_w_hr, bool grad_input) {
+  std::vector<PreparedCall> calls{prepare_backward_any(state, grad_out, grad_h_n, grad_c_n,
+                                                       grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh,
+                                                       grad_w_hr, grad_input)};
   run_calls(calls);
   return calls[0].result();
 }
@@ -422,12 +428,13 @@ py::list forward_each(const py::list& calls) {
 
 py::list backward_each(const py::list& calls) {
   return run_each(calls, [](py::handle arguments) {
-    auto [state, grad_out, grad_h_n, grad_c_n, w_ih, w_hh, b_ih, b_hh, w_hr] = py::cast<
-        std::tuple<State&, std::optional<py::array>, std::optional<py::array>,
-                   std::optional<py::array>, std::optional<py::array>, std::optional<py::array>,
-                   std::optional<py::array>, std::optional<py::array>, std::optional<py::array>>>(
-        arguments);
-    return prepare_backward_any(state, grad_out, grad_h_n, grad_c_n, w_ih, w_hh, b_ih, b_hh, w_hr);
+    auto [state, grad_out, grad_h_n, grad_c_n, w_ih, w_hh, b_ih, b_hh, w_hr, grad_input] =
+        py::cast<std::tuple<State&, std::optional<py::array>, std::optional<py::array>,
+                            std::optional<py::array>, std::optional<py::array>,
+                            std::optional<py::array>, std::optional<py::array>,
+                            std::optional<py::array>, std::optional<py::array>, bool>>(arguments);
+    return prepare_backward_any(state, grad_out, grad_h_n, grad_c_n, w_ih, w_hh, b_ih, b_hh, w_hr,
+                                grad_input);
   });
 }
 
@@ -504,6 +511,18 @@ PYBIND11_MODULE(_core, m) {
       },
       py::arg("n"),
       "Set the threads layer calls may use. Default: FASTRNN_NUM_THREADS, or the usable cores.");
+  m.def(
+      "_use_openmp",
+      [](const std::string& library) {
+        py::gil_scoped_release release;  // waits for a running region to finish
+        ThreadPool::global().use_openmp(library);
+      },
+      py::arg("library"),
+      "Run parallel regions on the thread team of this already loaded OpenMP runtime (a path; "
+      "\"\" for fastrnn's own workers). fastrnn.torch uses it with torch's runtime.");
+  m.def(
+      "_openmp_library", [] { return ThreadPool::global().openmp_library(); },
+      "The OpenMP runtime parallel regions run on, or \"\" for fastrnn's own workers.");
   m.def("activation", &activation, py::arg("name"), py::arg("x"),
         "Testing hook: the active ISA's vectorized activation applied to a 1-D array.");
 
@@ -533,12 +552,13 @@ PYBIND11_MODULE(_core, m) {
         "returns the list of forward's results.");
   m.def("backward_each", &backward_each, py::arg("calls"),
         "Several independent backwards at once: calls is a list of (state, grad_out, grad_h_n, "
-        "grad_c_n, grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh, grad_weight_hr); "
-        "returns the list of backward's results.");
+        "grad_c_n, grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh, grad_weight_hr, "
+        "grad_input); returns the list of backward's results.");
   m.def("backward", &backward_any, py::arg("state"), py::arg("grad_out") = py::none(),
         py::arg("grad_h_n") = py::none(), py::arg("grad_c_n") = py::none(),
         py::arg("grad_weight_ih") = py::none(), py::arg("grad_weight_hh") = py::none(),
         py::arg("grad_bias_ih") = py::none(), py::arg("grad_bias_hh") = py::none(),
-        py::arg("grad_weight_hr") = py::none(),
-        "Backward through time: returns (dx, dh0, dc0 or None); adds into the parameter grads.");
+        py::arg("grad_weight_hr") = py::none(), py::arg("grad_input") = true,
+        "Backward through time: returns (dx, dh0, dc0 or None); adds into the parameter grads. "
+        "grad_input=False skips dx (returned as None) and its GEMM.");
 }

@@ -347,8 +347,10 @@ void backward(TrainingState<T>& state, const T* grad_out_in, const T* grad_h_n, 
       gather_rows(reversed_grad_out.data(), grad_out_in, reversed, P);
       grad_out = reversed_grad_out.data();
     }
-    reversed_grad_x.reset(static_cast<std::size_t>(rows * I));
-    grad_x = reversed_grad_x.data();
+    if (grad_x_in) {
+      reversed_grad_x.reset(static_cast<std::size_t>(rows * I));
+      grad_x = reversed_grad_x.data();
+    }
   }
 
   // The gate buffer turns into dG in place, one step at a time, from the last step back.
@@ -503,8 +505,9 @@ void backward(TrainingState<T>& state, const T* grad_out_in, const T* grad_h_n, 
     } else {
       add_bias_grads(grads.b_ih, grads.b_hh);
     }
-    // dX = dG · W_ih and dW_ih += dGᵀ·x.
-    gemm_part(k, ctx, rows, I, G, {dgates, G, 1}, p.w_ih_t_panels, GemmOutput<T>{grad_x, I});
+    // dX = dG · W_ih (unless not wanted) and dW_ih += dGᵀ·x.
+    if (grad_x)
+      gemm_part(k, ctx, rows, I, G, {dgates, G, 1}, p.w_ih_t_panels, GemmOutput<T>{grad_x, I});
     gemm_part(k, ctx, G, I, rows, {dgates, 1, G}, x_panels,
               GemmOutput<T>{grads.w_ih, I, nullptr, true, torch_row});
   });
@@ -512,7 +515,7 @@ void backward(TrainingState<T>& state, const T* grad_out_in, const T* grad_h_n, 
   if (gru)  // h0 also reaches h_1 through z, past W_hh
     for (long b = 0; b < batch; ++b)
       for (long j = 0; j < H; ++j) grad_h0[b * H + j] += grad_h_carry.data()[b * Hp + j];
-  if (state.reverse) scatter_rows(grad_x_in, grad_x, reversed, I);
+  if (state.reverse && grad_x_in) scatter_rows(grad_x_in, grad_x, reversed, I);
 }
 
 template void forward(const std::shared_ptr<const PackedLayer<float>>&, const Sequences&, bool,

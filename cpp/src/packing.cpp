@@ -1,10 +1,17 @@
+#include <exception>
+#include <functional>
+#include <iterator>
 #include <stdexcept>
 
 #include "fastrnn/layer.h"
+#include "fastrnn/thread_pool.h"
 #include "panels.h"
 
 namespace fastrnn {
 namespace {
+
+// Below this many weights a layer is packed on the calling thread: waking a worker costs more.
+constexpr long kParallelPackElements = 1 << 16;
 
 template <class T>
 const KernelTable<T>& table_of(const IsaKernels& isa);
@@ -63,31 +70,56 @@ std::shared_ptr<const PackedLayer<T>> pack_layer(const IsaKernels& isa, Cell cel
   long* row_of = p.torch_row.data();
   for (long col = 0; col < L.gate_stride; ++col) row_of[col] = torch_row_of_gate_column(L, col);
 
-  // Forward: K x gate columns, gate-interleaved panels.
-  p.w_ih_panels =
-      pack_transposed_rows(p.w_ih, w_ih, input, input, row_of, L.gate_stride, gate_panel, lanes);
-  p.w_hh_panels =
-      pack_transposed_rows(p.w_hh, w_hh, output, output, row_of, L.gate_stride, gate_panel, lanes);
-  // Backward: gate columns (as rows, K) x input / hidden units.
-  p.w_ih_t_panels =
-      pack_panels(p.w_ih_t, L.gate_stride, input, generic_panel, lanes, [&](long col, long n) {
-        const long row = row_of[col];
-        return row < 0 ? T(0) : w_ih[row * input + n];
-      });
-  // Without a projection its columns line up with the hidden panels of the backward step.
-  const long w_hh_t_cols = w_hr ? output : L.hidden_padded;
-  p.w_hh_t_panels = pack_panels(p.w_hh_t, L.gate_stride, w_hh_t_cols, generic_panel, lanes,
-                                [&](long col, long n) {
-                                  const long row = row_of[col];
-                                  return row < 0 || n >= output ? T(0) : w_hh[row * output + n];
-                                });
-  if (w_hr) {  // h = W_hr·h_full: forward K = hidden x N = output; backward K = output x N = hidden
-    p.w_hr_panels =
-        pack_transposed_rows(p.w_hr, w_hr, hidden, hidden, nullptr, output, generic_panel, lanes);
-    p.w_hr_t_panels =
-        pack_panels(p.w_hr_t, output, L.hidden_padded, generic_panel, lanes,
-                    [&](long k, long j) { return j < hidden ? w_hr[k * hidden + j] : T(0); });
-  }
+  // The panels are independent copies, each a pass over one weight matrix: after an optimizer
+  // step every layer is repacked, so the large ones are spread over the pool's threads.
+  const long w_hh_t_cols = w_hr ? output : L.hidden_padded;  // no projection: the hidden panels
+  std::function<void()> tasks[] = {
+      // Forward: K x gate columns, gate-interleaved panels.
+      [&] {
+        p.w_ih_panels = pack_transposed_rows(p.w_ih, w_ih, input, input, row_of, L.gate_stride,
+                                             gate_panel, lanes);
+      },
+      [&] {
+        p.w_hh_panels = pack_transposed_rows(p.w_hh, w_hh, output, output, row_of, L.gate_stride,
+                                             gate_panel, lanes);
+      },
+      // Backward: gate columns (as rows, K) x input / hidden units.
+      [&] {
+        p.w_ih_t_panels = pack_gathered_rows(p.w_ih_t, w_ih, input, input, row_of, L.gate_stride,
+                                             input, generic_panel, lanes);
+      },
+      [&] {
+        p.w_hh_t_panels = pack_gathered_rows(p.w_hh_t, w_hh, output, output, row_of, L.gate_stride,
+                                             w_hh_t_cols, generic_panel, lanes);
+      },
+      // h = W_hr·h_full: forward K = hidden x N = output; backward K = output x N = hidden.
+      [&] {
+        if (w_hr)
+          p.w_hr_panels = pack_transposed_rows(p.w_hr, w_hr, hidden, hidden, nullptr, output,
+                                               generic_panel, lanes);
+      },
+      [&] {
+        if (w_hr)
+          p.w_hr_t_panels =
+              pack_panels(p.w_hr_t, output, L.hidden_padded, generic_panel, lanes,
+                          [&](long k, long j) { return j < hidden ? w_hr[k * hidden + j] : T(0); });
+      },
+  };
+  constexpr int kTasks = static_cast<int>(std::size(tasks));
+  std::exception_ptr errors[kTasks];
+  const long elements = L.gate_stride * (input + output) + 2 * output * hidden;
+  const int threads = elements >= kParallelPackElements ? kTasks : 1;
+  ThreadPool::global().run(threads, [&](const ThreadContext& ctx) {
+    for (int i = ctx.index; i < kTasks; i += ctx.count) {
+      try {
+        tasks[i]();
+      } catch (...) {  // bad_alloc: nothing may leave a parallel region
+        errors[i] = std::current_exception();
+      }
+    }
+  });
+  for (const std::exception_ptr& error : errors)
+    if (error) std::rethrow_exception(error);
   // The GRU's b_hn is applied inside r * (W_hn·h + b_hn): it gets its own vector.
   const bool gru = cell == Cell::gru;
   const long hn_row0 = 2 * hidden;  // torch.nn.GRU's rows: r, z, n

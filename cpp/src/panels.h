@@ -56,6 +56,29 @@ PackedPanels<T> pack_transposed_rows(AlignedBuffer<T>& storage, const T* src, lo
   return {out, k_count, padded_cols, panel_width};
 }
 
+// Packs a row gather: row k of the rows x cols matrix is row row_of[k] of src (< 0: zeros), its
+// columns past src_cols zeros. Each panel row is a contiguous piece of a source row: a plain copy.
+template <class T>
+PackedPanels<T> pack_gathered_rows(AlignedBuffer<T>& storage, const T* src, long src_stride,
+                                   long src_cols, const long* row_of, long rows, long cols,
+                                   long panel_width, long lanes) {
+  const long padded_cols = round_up(cols, lanes);
+  storage.reset(static_cast<std::size_t>(rows * padded_cols));
+  T* out = storage.data();
+  for (long col0 = 0; col0 < padded_cols; col0 += panel_width) {
+    const long width = padded_cols - col0 < panel_width ? padded_cols - col0 : panel_width;
+    const long copied = src_cols - col0 < width ? (src_cols > col0 ? src_cols - col0 : 0) : width;
+    T* panel = out + col0 * rows;
+    for (long k = 0; k < rows; ++k) {
+      T* to = panel + k * width;
+      const T* from = row_of[k] >= 0 ? src + row_of[k] * src_stride + col0 : nullptr;
+      for (long jj = 0; jj < copied; ++jj) to[jj] = from ? from[jj] : T(0);
+      for (long jj = copied; jj < width; ++jj) to[jj] = T(0);
+    }
+  }
+  return {out, rows, padded_cols, panel_width};
+}
+
 // The row of torch.nn's (G*H, .) weight behind packed gate column `col`, or -1 for padding.
 inline long torch_row_of_gate_column(const Layout& L, long col) {
   const long block = L.gates * L.panel_hidden;

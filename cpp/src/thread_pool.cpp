@@ -1,5 +1,6 @@
 #include "fastrnn/thread_pool.h"
 
+#include <dlfcn.h>
 #include <pthread.h>
 #include <sched.h>
 
@@ -7,6 +8,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <fstream>
+#include <map>
 #include <new>
 #include <stdexcept>
 #include <string>
@@ -64,6 +66,14 @@ int cgroup_cpu_limit() {
 }
 
 }  // namespace
+
+// The GNU OpenMP entry points a region needs (stable ABI since GCC 4.9).
+struct ThreadPool::OpenMP {
+  std::string library;
+  void (*parallel)(void (*fn)(void*), void* data, unsigned threads, unsigned flags);
+  int (*thread_num)();
+  int (*num_threads)();
+};
 
 void SpinBarrier::wait() {
   const std::uint32_t generation = generation_.load(std::memory_order_acquire);
@@ -126,6 +136,8 @@ void ThreadPool::after_fork_in_child() {
   pool.parked_.store(0);
   pool.workers_busy_.store(0);
   pool.stopping_.store(false);
+  // GNU OpenMP's team does not survive a fork: a region started in the child would hang.
+  pool.openmp_.store(nullptr);
   inside_region = false;
 }
 
@@ -134,6 +146,65 @@ void ThreadPool::set_threads(int threads) {
   std::lock_guard<std::mutex> lock(region_mutex_);
   threads_.store(threads);
   if (static_cast<int>(workers_.size()) != threads - 1) stop_workers();  // restarted lazily
+}
+
+void ThreadPool::use_openmp(const std::string& library) {
+  static std::map<std::string, OpenMP> loaded;  // guarded by region_mutex_
+  std::lock_guard<std::mutex> lock(region_mutex_);
+  if (library.empty()) {
+    openmp_.store(nullptr);  // the own workers start again on the next region
+    return;
+  }
+  auto found = loaded.find(library);
+  if (found == loaded.end()) {
+    // RTLD_NOLOAD: only a runtime the process already uses; never a second copy of one.
+    void* handle = dlopen(library.c_str(), RTLD_LAZY | RTLD_LOCAL | RTLD_NOLOAD);
+    if (!handle) throw std::runtime_error("the OpenMP runtime '" + library + "' is not loaded");
+    OpenMP entry{
+        library, reinterpret_cast<decltype(OpenMP::parallel)>(dlsym(handle, "GOMP_parallel")),
+        reinterpret_cast<decltype(OpenMP::thread_num)>(dlsym(handle, "omp_get_thread_num")),
+        reinterpret_cast<decltype(OpenMP::num_threads)>(dlsym(handle, "omp_get_num_threads"))};
+    if (!entry.parallel || !entry.thread_num || !entry.num_threads) {
+      dlclose(handle);
+      throw std::runtime_error("'" + library +
+                               "' exports no GOMP_parallel, omp_get_thread_num and "
+                               "omp_get_num_threads");
+    }
+    found = loaded.emplace(library, entry).first;  // the handle stays open for good
+  }
+  stop_workers();  // idle from now on
+  openmp_.store(&found->second);
+}
+
+std::string ThreadPool::openmp_library() const {
+  const OpenMP* openmp = openmp_.load();
+  return openmp ? openmp->library : std::string();
+}
+
+void ThreadPool::run_on_openmp(const OpenMP& openmp, int threads, JobFn fn, void* body) {
+  struct Region {
+    const OpenMP& openmp;
+    int threads;
+    JobFn fn;
+    void* body;
+    SpinBarrier barrier;
+  } region{openmp, threads, fn, body, SpinBarrier(threads)};
+  openmp.parallel(
+      [](void* data) {
+        Region& r = *static_cast<Region*>(data);
+        const bool outer = inside_region;
+        inside_region = true;
+        if (r.openmp.num_threads() == r.threads) {
+          r.fn(r.body, ThreadContext{r.openmp.thread_num(), r.threads, &r.barrier});
+        } else if (r.openmp.thread_num() == 0) {
+          // A smaller team than asked for (a thread limit, or nested inside the runtime's own
+          // region): the barrier counts on every thread, so thread 0 runs the region alone.
+          SpinBarrier alone(1);
+          r.fn(r.body, ThreadContext{0, 1, &alone});
+        }
+        inside_region = outer;
+      },
+      &region, static_cast<unsigned>(threads), 0);
 }
 
 void ThreadPool::start_workers(int workers) {
@@ -204,6 +275,10 @@ void ThreadPool::run_job(int threads, JobFn fn, void* body) {
   if (threads <= 1 || inside_region || !lock.try_lock()) {
     SpinBarrier unused(1);
     fn(body, ThreadContext{0, 1, &unused});
+    return;
+  }
+  if (const OpenMP* openmp = openmp_.load()) {
+    run_on_openmp(*openmp, threads, fn, body);
     return;
   }
   if (static_cast<int>(workers_.size()) != threads_.load() - 1) {

@@ -60,4 +60,5 @@ def backward(
     grad_bias_ih: np.ndarray | None = None,
     grad_bias_hh: np.ndarray | None = None,
     grad_weight_hr: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]: ...
+    grad_input: bool = True,
+) -> tuple[np.ndarray | None, np.ndarray, np.ndarray | None]: ...

@@ -415,9 +415,11 @@ class _RNNBase(_Module):
         grad_h_n: np.ndarray | None,
         grad_c_n: np.ndarray | None,
         grads: Mapping[str, np.ndarray],
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        grad_input: bool = True,
+    ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray | None]:
         """Backward through ``_forward_rows``: gradients in its layouts (None: zeros); adds the
-        parameter gradients into ``grads``. Returns (dx, dh0, dc0)."""
+        parameter gradients into ``grads``. Returns (dx, dh0, dc0); dx is None, and its GEMM
+        skipped, when not ``grad_input``."""
         units, size, directions = self._units(), self._output_size, self.num_directions
         dh0: list[Any] = [None] * len(units)
         dc0: list[Any] = [None] * len(units)
@@ -444,16 +446,15 @@ class _RNNBase(_Module):
                         grads.get(f"bias_ih_{unit}"),
                         grads.get(f"bias_hh_{unit}"),
                         grads.get(f"weight_hr_{unit}"),
+                        grad_input or layer > 0,
                     )
                 )
             results = _core.backward_each(calls)
-            grad_input = results[0][0]  # x feeds both directions: their dx add up
+            grad = results[0][0]  # x feeds both directions: their dx add up
             for dx, _, _ in results[1:]:
-                grad_input = grad_input + dx
+                grad = None if grad is None else grad + dx
             for d, (_, dh, dc) in enumerate(results):
                 dh0[layer * directions + d], dc0[layer * directions + d] = dh, dc
-            grad = grad_input
-        assert grad is not None
         return grad, np.stack(dh0), np.stack(dc0) if self._gates == 4 else None
 
     # -- user-facing shapes -------------------------------------------------------------------

@@ -91,7 +91,8 @@ struct ParameterGrads {
 
 // Consumes the state: its gate buffer becomes the gate gradients, so call it once per forward.
 // grad_out [rows, output], grad_h_n [batch, output], grad_c_n [batch, hidden]: each may be
-// nullptr (zeros). Writes grad_x [rows, input], grad_h0 [batch, output] and (LSTM) grad_c0.
+// nullptr (zeros). Writes grad_x [rows, input] (skipped if nullptr), grad_h0 [batch, output] and
+// (LSTM) grad_c0.
 template <class T>
 void backward(TrainingState<T>& state, const T* grad_out, const T* grad_h_n, const T* grad_c_n,
               T* grad_x, T* grad_h0, T* grad_c0, const ParameterGrads<T>& grads);

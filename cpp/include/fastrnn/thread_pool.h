@@ -9,6 +9,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -50,6 +51,16 @@ class ThreadPool {
   int threads() const { return threads_.load(); }
   void set_threads(int threads);
 
+  // Runs regions on the thread team of an OpenMP runtime already loaded in the process (the
+  // shared library at `library`, e.g. the libgomp torch uses) instead of on the pool's own
+  // workers; "" goes back to the own workers. A library that runs OpenMP regions of its own
+  // leaves its workers spinning after each one, on the cores fastrnn's workers would need: on its
+  // team, fastrnn's regions start on those very threads. Throws std::runtime_error if the library
+  // is not loaded or exports no GOMP_parallel (libgomp, and the GNU entry points of libomp and
+  // libiomp5, have it).
+  void use_openmp(const std::string& library);
+  std::string openmp_library() const;
+
   // Runs body(ctx) on min(threads, this->threads()) threads and returns when all are done. The
   // body must not throw. A call made while the pool is busy (another Python thread, or from
   // inside a region) runs on the calling thread alone: same results, no deadlock.
@@ -62,6 +73,7 @@ class ThreadPool {
 
  private:
   using JobFn = void (*)(void*, const ThreadContext&);
+  struct OpenMP;
   template <class Body>
   static void invoke(void* body, const ThreadContext& ctx) {
     (*static_cast<Body*>(body))(ctx);
@@ -74,9 +86,11 @@ class ThreadPool {
   void worker_loop(int index, std::uint64_t seen);
   void publish_job();
   static void after_fork_in_child();
+  void run_on_openmp(const OpenMP& openmp, int threads, JobFn fn, void* body);
 
   std::mutex region_mutex_;  // one region at a time
   std::atomic<int> threads_{1};
+  std::atomic<const OpenMP*> openmp_{nullptr};  // never freed: a team may outlive a switch
   std::vector<std::thread> workers_;
   // The job being run: published by bumping job_sequence_.
   JobFn job_fn_ = nullptr;
