@@ -92,6 +92,12 @@ void gemm_part(const KernelTable<T>& k, const ThreadContext& ctx, long m, long n
   }
 }
 
+// Multiply-adds per row and step: the gates from x and h, and the LSTM's projection of h.
+long step_multiply_adds(const Layout& L) {
+  const long projection = L.output != L.hidden ? L.hidden * L.output : 0;
+  return L.gate_stride * (L.input + L.output) + projection;
+}
+
 // Threads for a time loop of `steps` steps of `step_work` multiply-adds each.
 int threads_for(long steps, long step_work) {
   const bool worth_it = step_work >= kParallelStepWork && steps * step_work >= kParallelCallWork;
@@ -227,7 +233,7 @@ void forward(const std::shared_ptr<const PackedLayer<T>>& layer, const Sequences
     if (c0) copy_rows(c_all, Hp, c0, H, batch, H);
   }
 
-  const int threads = threads_for(steps, batch * G * (H + I));
+  const int threads = threads_for(steps, batch * step_multiply_adds(L));
   const bool batch_split = batch >= kBatchSplitRows * threads;
   ThreadPool::global().run(threads, [&](const ThreadContext& ctx) {
     FlushDenormalsScope flush_denormals;
@@ -391,7 +397,7 @@ void backward(TrainingState<T>& state, const T* grad_out_in, const T* grad_h_n, 
   // Allocated here: nothing may throw inside the parallel region.
   AlignedBuffer<T> bias_sum(static_cast<std::size_t>(G));
 
-  const int threads = threads_for(steps, batch * G * (H + I));
+  const int threads = threads_for(steps, batch * step_multiply_adds(L));
   const bool batch_split = batch >= kBatchSplitRows * threads;
   ThreadPool::global().run(threads, [&](const ThreadContext& ctx) {
     FlushDenormalsScope flush_denormals;
