@@ -86,6 +86,11 @@ def test_functional_matches_layers(dtype):
     want_out, want_h = rnn(x)
     assert_close(out, want_out, dtype, "fwd")
     assert_close(h_n, want_h[0], dtype, "fwd")
+    gru = fastrnn.GRU(6, 11, dtype=dtype, seed=3).eval()
+    out, h_n = fastrnn.functional.gru(x, h0, *gru.state_dict().values())
+    want_out, want_h = gru(x, h0[None])
+    assert_close(out, want_out, dtype, "fwd")
+    assert_close(h_n, want_h[0], dtype, "fwd")
 
 
 def test_functional_rejects_bad_input():

@@ -74,12 +74,19 @@ void gemm_panels(const KernelTable<T>& k, long m, long n, long kk, StridedMatrix
           out.bias ? out.bias + col0 : nullptr, out.c_row_of});
 }
 
-// This thread's part of a GEMM: by rows when there are many, else by panels.
+// This thread's part of a GEMM: by rows (in eights) or by B's panels, whichever leaves the
+// busiest thread the smaller share. A short GEMM split by rows idles a thread: M = 100 on two
+// threads is 56 + 44 rows, while its 8 panels split evenly (and each thread streams half of B).
 template <class T>
 void gemm_part(const KernelTable<T>& k, const ThreadContext& ctx, long m, long n, long kk,
                StridedMatrix<T> a, const PackedPanels<T>& b, const GemmOutput<T>& out) {
+  if (m <= 0 || n <= 0) return;
+  const long row_units = (m + 7) / 8;
+  const long panels = std::min(panel_count(b), (n + b.panel_width - 1) / b.panel_width);
+  const auto most = [&](long units) { return (units + ctx.count - 1) / ctx.count; };
   long begin = 0, end = 0;
-  if (ctx.count == 1 || m >= 8 * ctx.count) {
+  // most(rows) / rows <= most(panels) / panels, without division
+  if (ctx.count == 1 || most(row_units) * panels <= most(panels) * row_units) {
     ctx.split(m, 8, begin, end);
     if (begin == end) return;
     StridedMatrix<T> rows{a.data + begin * a.row_stride, a.row_stride, a.col_stride};
@@ -87,7 +94,7 @@ void gemm_part(const KernelTable<T>& k, const ThreadContext& ctx, long m, long n
     const long* c_row_of = out.c_row_of ? out.c_row_of + begin : nullptr;
     k.gemm({end - begin, n, kk, rows, &b, c, out.ldc, out.accumulate, out.bias, c_row_of});
   } else {
-    ctx.split(panel_count(b), 1, begin, end);
+    ctx.split(panels, 1, begin, end);
     gemm_panels(k, m, n, kk, a, b, begin, end, out);
   }
 }

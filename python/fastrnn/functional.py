@@ -12,7 +12,7 @@ import numpy as np
 
 from . import _core
 
-__all__ = ["lstm", "rnn"]
+__all__ = ["gru", "lstm", "rnn"]
 
 
 def _checked(name: str, value: Any, dtype: np.dtype | None = None) -> np.ndarray:
@@ -53,6 +53,20 @@ def lstm(
     """LSTM forward: x (T, B, I), h0 and c0 (B, H) or None -> (out (T, B, H), h_n, c_n)."""
     out, h_n, c_n = _run("lstm", x, h0, c0, (weight_ih, weight_hh, bias_ih, bias_hh))
     return out, h_n, c_n
+
+
+def gru(
+    x: Any,
+    h0: Any,
+    weight_ih: Any,
+    weight_hh: Any,
+    bias_ih: Any = None,
+    bias_hh: Any = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """GRU forward (torch.nn.GRU's gates r, z, n): x (T, B, I), h0 (B, H) or None ->
+    (out (T, B, H), h_n)."""
+    out, h_n, _ = _run("gru", x, h0, None, (weight_ih, weight_hh, bias_ih, bias_hh))
+    return out, h_n
 
 
 def rnn(
