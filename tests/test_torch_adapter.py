@@ -669,3 +669,31 @@ raise SystemExit(os.waitstatus_to_exitcode(status))
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
     assert result.returncode == 0, result.stderr.decode()
+
+
+def test_python_threads_at_once_on_torchs_team():
+    """Calls from several Python threads while regions run on torch's OpenMP team: one call has
+    the team, the others run on their own threads; no deadlock, the serial results."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    previous = fastrnn.get_num_threads()
+    fastrnn.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        modules = [ft.GRU(16, 130, bidirectional=i % 2 == 1) for i in range(4)]
+        x = torch.randn(6, 3, 16)
+
+        def run(m):
+            m.zero_grad()
+            out, _ = m(x)
+            out.square().sum().backward()
+            return [out.detach(), *(p.grad.clone() for p in m.parameters())]
+
+        serial = [run(m) for m in modules]
+        with ThreadPoolExecutor(4) as pool:
+            for _ in range(5):
+                for got, want in zip(pool.map(run, modules), serial):
+                    for a, b in zip(got, want):
+                        assert_close(a, b, np.float32, "grad")
+    finally:
+        fastrnn.set_num_threads(previous)

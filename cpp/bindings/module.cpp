@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <exception>
@@ -16,6 +17,7 @@
 #include <tuple>
 #include <vector>
 
+#include "fastrnn/buffer.h"
 #include "fastrnn/dispatch.h"
 #include "fastrnn/fp_env.h"
 #include "fastrnn/layer.h"
@@ -28,6 +30,20 @@ namespace {
 
 template <class T>
 using CArray = py::array_t<T, py::array::c_style | py::array::forcecast>;
+
+// A new uninitialised array in fastrnn's recycled memory (buffer.cpp). A training loop asks for
+// outputs of the same shapes on every call, and fresh pages from the kernel cost a page fault and
+// a zeroing each: on large layers about 5% of a training step.
+template <class T>
+CArray<T> new_array(const std::vector<py::ssize_t>& shape) {
+  std::size_t count = 1;
+  for (const py::ssize_t n : shape) count *= static_cast<std::size_t>(n);
+  auto owner = std::make_unique<AlignedBuffer<T>>(std::max<std::size_t>(count, 1));
+  T* data = owner->data();
+  py::capsule base(owner.get(), [](void* p) { delete static_cast<AlignedBuffer<T>*>(p); });
+  owner.release();  // the capsule owns it now
+  return CArray<T>(shape, data, base);
+}
 
 // A C-contiguous, aligned array of T (a copy when needed); TypeError when the input cannot
 // convert. NumPy allows misaligned arrays (e.g. views into byte buffers): they are copied too.
@@ -280,9 +296,9 @@ PreparedCall prepare_forward(const Layer& layer, const py::array& x_in,
   if (c0_in && !lstm) throw py::value_error("c0 is only for the LSTM");
   const auto h0 = optional_input<T>(h0_in, h_shape, "h0");
   const auto c0 = optional_input<T>(c0_in, c_shape, "c0");
-  CArray<T> out(rows_shape(*seq, packed, L.output)), h_n(h_shape);
+  CArray<T> out = new_array<T>(rows_shape(*seq, packed, L.output)), h_n = new_array<T>(h_shape);
   std::optional<CArray<T>> c_n;
-  if (lstm) c_n.emplace(c_shape);
+  if (lstm) c_n = new_array<T>(c_shape);
   std::shared_ptr<TrainingState<T>> state;
   if (training) state = std::make_shared<TrainingState<T>>();
   auto run = [packed_layer = layer.get<T>(), seq, reverse, x = x.data(), h0 = data_or_null(h0),
@@ -354,9 +370,9 @@ PreparedCall prepare_backward(const std::shared_ptr<TrainingState<T>>& state, bo
                           accumulator<T>(grad_b_hh, {gate_rows}, "grad_bias_hh"),
                           accumulator<T>(grad_w_hr, {L.output, L.hidden}, "grad_weight_hr")};
   std::optional<CArray<T>> grad_x, grad_c0;
-  if (grad_input) grad_x.emplace(rows_shape(seq, packed, L.input));
-  CArray<T> grad_h0(h_shape);
-  if (lstm) grad_c0.emplace(c_shape);
+  if (grad_input) grad_x = new_array<T>(rows_shape(seq, packed, L.input));
+  CArray<T> grad_h0 = new_array<T>(h_shape);
+  if (lstm) grad_c0 = new_array<T>(c_shape);
   // The gradient accumulators are the caller's arrays, alive for the whole call.
   auto run = [state, grad_out = data_or_null(grad_out), grad_h_n = data_or_null(grad_h_n),
               grad_c_n = data_or_null(grad_c_n), grad_x = grad_x ? grad_x->mutable_data() : nullptr,
