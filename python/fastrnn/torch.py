@@ -121,14 +121,13 @@ class _Spec:
     """One private fastrnn layer and the torch parameters it mirrors, by position in torch's
     ``_flat_weights``."""
 
-    __slots__ = ("layer", "dtype", "names", "units", "unit_order", "shapes", "lstm", "synced")
+    __slots__ = ("layer", "dtype", "names", "units", "shapes", "lstm", "synced")
 
     def __init__(self, layer: _layers._RNNBase, dtype: torch.dtype, names: list[str]) -> None:
         self.layer = layer
         self.dtype = dtype
         self.names = names
         self.units = [layer._unit_of(name) for name in names]
-        self.unit_order = layer._units()
         self.shapes = [layer._params[name].shape for name in names]
         self.lstm = layer._gates == 4
         # Per parameter: (data_ptr, _version, the tensor it was read from) at the last refresh, or
