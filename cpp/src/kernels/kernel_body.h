@@ -265,6 +265,16 @@ void gemm(const GemmArgs<T>& g) {
           for (long r0 = 0; r0 < mc; r0 += MR) {
             // The last block runs only its real rows (a single row is common: batch 1).
             with_rows<MR>(min_long(MR, mc - r0), [&]<int R>() {
+              // Fetch this tile of C while the FMAs run: a weight gradient's rows (scattered
+              // by c_row_of, megabytes in all) are rarely in cache, and a miss stalls the update.
+              for (long r = 0; r < R; ++r) {
+                const long c_index = g.c_row_of ? g.c_row_of[m0 + r0 + r] : m0 + r0 + r;
+                if (c_index < 0) continue;
+                FASTRNN_UNROLL
+                for (int v = 0; v < NV; ++v)
+                  if (col0 + v * W < g.n)
+                    __builtin_prefetch(g.c + c_index * g.ldc + col0 + v * W, 1);
+              }
               V acc[R][NV];
               multiply_panel<V, R, NV>(kc, a_block + r0 * kc, 1, MR, panel, acc);
               for (long r = 0; r < R; ++r) {
