@@ -340,37 +340,38 @@ py::object forward_any(const Layer& layer, const py::array& x, const std::option
   return calls[0].result();
 }
 
+// backward's arguments after the state: the gradients arriving at out, h_n and c_n (None:
+// zeros), the caller's parameter-gradient accumulators, and whether dx is wanted.
+struct BackwardArgs {
+  std::optional<py::array> grad_out, grad_h_n, grad_c_n;
+  std::optional<py::array> grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr;
+  bool grad_input = true;
+};
+
 template <class T>
 PreparedCall prepare_backward(const std::shared_ptr<TrainingState<T>>& state, bool packed,
-                              bool& consumed, const std::optional<py::array>& grad_out_in,
-                              const std::optional<py::array>& grad_h_n_in,
-                              const std::optional<py::array>& grad_c_n_in,
-                              const std::optional<py::array>& grad_w_ih,
-                              const std::optional<py::array>& grad_w_hh,
-                              const std::optional<py::array>& grad_b_ih,
-                              const std::optional<py::array>& grad_b_hh,
-                              const std::optional<py::array>& grad_w_hr, bool grad_input) {
+                              bool& consumed, const BackwardArgs& a) {
   const Layout& L = state->layer->layout;
   const bool lstm = L.cell == Cell::lstm, projected = state->layer->projected();
   const Sequences& seq = state->sequences;
   const long gate_rows = L.gates * L.hidden;
   const std::vector<py::ssize_t> h_shape{seq.batch, L.output}, c_shape{seq.batch, L.hidden};
-  if (grad_c_n_in && !lstm) throw py::value_error("grad_c_n is only for the LSTM");
+  if (a.grad_c_n && !lstm) throw py::value_error("grad_c_n is only for the LSTM");
   const auto grad_out =
-      optional_input<T>(grad_out_in, rows_shape(seq, packed, L.output), "grad_out");
-  const auto grad_h_n = optional_input<T>(grad_h_n_in, h_shape, "grad_h_n");
-  const auto grad_c_n = optional_input<T>(grad_c_n_in, c_shape, "grad_c_n");
-  if (!grad_w_ih || !grad_w_hh || (projected && !grad_w_hr))
+      optional_input<T>(a.grad_out, rows_shape(seq, packed, L.output), "grad_out");
+  const auto grad_h_n = optional_input<T>(a.grad_h_n, h_shape, "grad_h_n");
+  const auto grad_c_n = optional_input<T>(a.grad_c_n, c_shape, "grad_c_n");
+  if (!a.grad_w_ih || !a.grad_w_hh || (projected && !a.grad_w_hr))
     throw py::value_error(std::string("grad_weight_ih, grad_weight_hh") +
                           (projected ? " and grad_weight_hr are" : " are") + " required");
-  if (grad_w_hr && !projected) throw py::value_error("grad_weight_hr is only for a projection");
-  ParameterGrads<T> grads{accumulator<T>(grad_w_ih, {gate_rows, L.input}, "grad_weight_ih"),
-                          accumulator<T>(grad_w_hh, {gate_rows, L.output}, "grad_weight_hh"),
-                          accumulator<T>(grad_b_ih, {gate_rows}, "grad_bias_ih"),
-                          accumulator<T>(grad_b_hh, {gate_rows}, "grad_bias_hh"),
-                          accumulator<T>(grad_w_hr, {L.output, L.hidden}, "grad_weight_hr")};
+  if (a.grad_w_hr && !projected) throw py::value_error("grad_weight_hr is only for a projection");
+  ParameterGrads<T> grads{accumulator<T>(a.grad_w_ih, {gate_rows, L.input}, "grad_weight_ih"),
+                          accumulator<T>(a.grad_w_hh, {gate_rows, L.output}, "grad_weight_hh"),
+                          accumulator<T>(a.grad_b_ih, {gate_rows}, "grad_bias_ih"),
+                          accumulator<T>(a.grad_b_hh, {gate_rows}, "grad_bias_hh"),
+                          accumulator<T>(a.grad_w_hr, {L.output, L.hidden}, "grad_weight_hr")};
   std::optional<CArray<T>> grad_x, grad_c0;
-  if (grad_input) grad_x = new_array<T>(rows_shape(seq, packed, L.input));
+  if (a.grad_input) grad_x = new_array<T>(rows_shape(seq, packed, L.input));
   CArray<T> grad_h0 = new_array<T>(h_shape);
   if (lstm) grad_c0 = new_array<T>(c_shape);
   // The gradient accumulators are the caller's arrays, alive for the whole call.
@@ -387,22 +388,12 @@ PreparedCall prepare_backward(const std::shared_ptr<TrainingState<T>>& state, bo
   return {run, result, &consumed};
 }
 
-PreparedCall prepare_backward_any(State& state, const std::optional<py::array>& grad_out,
-                                  const std::optional<py::array>& grad_h_n,
-                                  const std::optional<py::array>& grad_c_n,
-                                  const std::optional<py::array>& grad_w_ih,
-                                  const std::optional<py::array>& grad_w_hh,
-                                  const std::optional<py::array>& grad_b_ih,
-                                  const std::optional<py::array>& grad_b_hh,
-                                  const std::optional<py::array>& grad_w_hr, bool grad_input) {
+PreparedCall prepare_backward_any(State& state, const BackwardArgs& args) {
   if (state.consumed)
     throw std::runtime_error(
         "backward was already run for this forward; run a training forward again");
-  if (state.f32)
-    return prepare_backward(state.f32, state.packed, state.consumed, grad_out, grad_h_n, grad_c_n,
-                            grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr, grad_input);
-  return prepare_backward(state.f64, state.packed, state.consumed, grad_out, grad_h_n, grad_c_n,
-                          grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh, grad_w_hr, grad_input);
+  if (state.f32) return prepare_backward(state.f32, state.packed, state.consumed, args);
+  return prepare_backward(state.f64, state.packed, state.consumed, args);
 }
 
 py::object backward_any(State& state, const std::optional<py::array>& grad_out,
@@ -413,9 +404,9 @@ py::object backward_any(State& state, const std::optional<py::array>& grad_out,
                         const std::optional<py::array>& grad_b_ih,
                         const std::optional<py::array>& grad_b_hh,
                         const std::optional<py::array>& grad_w_hr, bool grad_input) {
-  std::vector<PreparedCall> calls{prepare_backward_any(state, grad_out, grad_h_n, grad_c_n,
-                                                       grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh,
-                                                       grad_w_hr, grad_input)};
+  std::vector<PreparedCall> calls{
+      prepare_backward_any(state, {grad_out, grad_h_n, grad_c_n, grad_w_ih, grad_w_hh, grad_b_ih,
+                                   grad_b_hh, grad_w_hr, grad_input})};
   run_calls(calls);
   return calls[0].result();
 }
@@ -449,8 +440,8 @@ py::list backward_each(const py::list& calls) {
                             std::optional<py::array>, std::optional<py::array>,
                             std::optional<py::array>, std::optional<py::array>,
                             std::optional<py::array>, std::optional<py::array>, bool>>(arguments);
-    return prepare_backward_any(state, grad_out, grad_h_n, grad_c_n, w_ih, w_hh, b_ih, b_hh, w_hr,
-                                grad_input);
+    return prepare_backward_any(
+        state, {grad_out, grad_h_n, grad_c_n, w_ih, w_hh, b_ih, b_hh, w_hr, grad_input});
   });
 }
 
