@@ -26,31 +26,60 @@ def _train_step(layer, x, grad_out):
     return out, {k: v.copy() for k, v in layer.grads.items()}
 
 
-# (T, B, I, H): hidden split (small batch) and batch split (large batch), sizes with tails
-SHAPES = [(6, 1, 40, 130), (4, 3, 17, 257), (3, 70, 33, 65), (2, 130, 9, 40)]
+# (T, B, I, H): hidden split (small batch) and batch split (large batch), sizes with tails; the
+# last has fewer hidden-unit panels than 3 or 4 threads (a thread without work).
+SHAPES = [(6, 1, 40, 130), (4, 3, 17, 257), (3, 70, 33, 65), (2, 130, 9, 40), (6, 8, 60, 20)]
+LAYERS = {"lstm": fastrnn.LSTM, "gru": fastrnn.GRU, "rnn_tanh": fastrnn.RNN}
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("kind", ["lstm", "rnn_tanh"])
+@pytest.mark.parametrize("kind", list(LAYERS))
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"T{t}-B{b}-I{i}-H{h}" for t, b, i, h in SHAPES])
 def test_results_do_not_depend_on_thread_count(isa, kind, dtype, shape, restore_threads):
+    # Training, and inference (which computes x·W_ihᵀ in chunks and keeps no state).
     steps, batch, inputs, hidden = shape
     rng = np.random.default_rng(0)
     x = rng.standard_normal((steps, batch, inputs)).astype(dtype)
     grad_out = rng.standard_normal((steps, batch, hidden)).astype(dtype)
     results = []
-    for threads in (1, 2, 3):
+    for threads in (1, 2, 3, 4):
         fastrnn.set_num_threads(threads)
         assert fastrnn.get_num_threads() == threads
-        if kind == "lstm":
-            layer = fastrnn.LSTM(inputs, hidden, dtype=dtype, seed=1)
-        else:
-            layer = fastrnn.RNN(inputs, hidden, dtype=dtype, seed=1)
-        results.append(_train_step(layer, x, grad_out))
-    for out, grads in results[1:]:
+        layer = LAYERS[kind](inputs, hidden, dtype=dtype, seed=1)
+        out, grads = _train_step(layer, x, grad_out)
+        inference, _ = layer.eval()(x)
+        results.append((out, grads, inference))
+    for out, grads, inference in results[1:]:
         assert_close(out, results[0][0], dtype, "fwd", "out")
+        assert_close(inference, results[0][2], dtype, "fwd", "inference out")
         for name, grad in grads.items():
             assert_close(grad, results[0][1][name], dtype, "grad", name)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_lengths_and_stacks_do_not_depend_on_thread_count(
+    isa, kind, bidirectional, restore_threads
+):
+    # Sequences that end early leave the hidden split's steps with fewer rows; the directions of
+    # a bidirectional layer run at once, each on a thread of its own.
+    steps, batch, inputs, hidden = 7, 4, 30, 150
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((steps, batch, inputs)).astype(np.float32)
+    lengths = np.array([7, 3, 7, 1])
+    directions = 2 if bidirectional else 1
+    grad_out = rng.standard_normal((steps, batch, directions * hidden)).astype(np.float32)
+    results = []
+    for threads in (1, 2, 3):
+        fastrnn.set_num_threads(threads)
+        layer = LAYERS[kind](inputs, hidden, num_layers=2, bidirectional=bidirectional, seed=3)
+        out, _ = layer(x, lengths=lengths)
+        layer.backward(grad_out)
+        results.append((out, {k: v.copy() for k, v in layer.grads.items()}))
+    for out, grads in results[1:]:
+        assert_close(out, results[0][0], np.float32, "fwd", "out")
+        for name, grad in grads.items():
+            assert_close(grad, results[0][1][name], np.float32, "grad", name)
 
 
 def test_set_num_threads_rejects_bad_values(restore_threads):

@@ -242,6 +242,11 @@ void forward(const std::shared_ptr<const PackedLayer<T>>& layer, const Sequences
 
   const int threads = threads_for(steps, batch * step_multiply_adds(L));
   const bool batch_split = batch >= kBatchSplitRows * threads;
+  // Hidden split without a projection: a step needs the other threads' part of h_{t-1} only for
+  // half of its product, so each thread waits for exactly that (StepProgress), not at a barrier.
+  const bool split_steps = !batch_split && !projected && threads > 1;
+  AlignedBuffer<T> partial_sums(static_cast<std::size_t>(split_steps ? batch * G : 0));
+  StepProgress progress(split_steps ? threads : 0);
   ThreadPool::global().run(threads, [&](const ThreadContext& ctx) {
     FlushDenormalsScope flush_denormals;
     long row0 = 0, row1 = batch, panel0 = 0, panel1 = L.panels, proj0 = 0, proj1 = 0;
@@ -261,6 +266,9 @@ void forward(const std::shared_ptr<const PackedLayer<T>>& layer, const Sequences
     step.bias_hn = p.bias_hn.size() ? p.bias_hn.data() : nullptr;
     step.panel_begin = panel0;
     step.panel_end = panel1;
+    step.own_begin = std::min(panel0 * L.panel_hidden, H);
+    step.own_end = std::min(panel1 * L.panel_hidden, H);
+    step.partial_sums = partial_sums.data();
     long chunk_row0 = 0;  // first row of the chunk of x·W_ihᵀ in the gate buffer
     for (long t = 0; t < steps; ++t) {
       if (t % chunk_steps == 0) {
@@ -291,7 +299,21 @@ void forward(const std::shared_ptr<const PackedLayer<T>>& layer, const Sequences
         step.c_next = c_after(t) + row0 * Hp;
       }
       if (gru && state) step.hidden_gate = state->hidden_gate.data() + row * Hp;
-      if (step.batch > 0 && panel0 < panel1) k.step_forward(step);
+      const bool has_panels = step.batch > 0 && panel0 < panel1;
+      if (split_steps && ctx.count > 1) {
+        // The units of h_{t-1} this thread computed, then, once the others are done with step
+        // t - 1, theirs: the wait overlaps with half of the product.
+        if (has_panels && t > 0) {
+          step.part = StepPart::own_units;
+          k.step_forward(step);
+          progress.wait_for_others(ctx, t - 1);
+          step.part = StepPart::other_units;
+        }
+        if (has_panels) k.step_forward(step);
+        progress.finished(ctx, t);
+        continue;
+      }
+      if (has_panels) k.step_forward(step);
       if (!batch_split) ctx.sync();  // h_t (h_full) is complete before anyone reads it
       if (projected && batch_split) {
         if (step.batch > 0)

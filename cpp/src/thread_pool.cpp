@@ -85,6 +85,14 @@ void SpinBarrier::wait() {
   wait_until([&] { return generation_.load(std::memory_order_acquire) != generation; });
 }
 
+void StepProgress::wait_for_others(const ThreadContext& ctx, long step) const {
+  for (int i = 0; i < ctx.count; ++i)
+    if (i != ctx.index)
+      wait_until([&] {
+        return done_[static_cast<std::size_t>(i)].step.load(std::memory_order_acquire) >= step;
+      });
+}
+
 void ThreadContext::split(long n, long grain, long& begin, long& end) const {
   const long units = (n + grain - 1) / grain;
   const long per = units / count, extra = units % count;

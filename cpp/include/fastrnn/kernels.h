@@ -69,6 +69,8 @@ struct GemmArgs {
                          // nullptr: row i
 };
 
+enum class StepPart : int { whole = 0, own_units = 1, other_units = 2 };
+
 // One time step forward for panels [panel_begin, panel_end):
 // gates = gates_in + h_prev · W_hhᵀ, then the cell's activations and state update.
 template <class T>
@@ -91,6 +93,13 @@ struct StepForwardArgs {
   const T* bias_hn;
   T* hidden_gate;
   long panel_begin, panel_end;
+  // The recurrent product can run in two calls, so that a thread multiplies the units of h_prev
+  // it computed itself while the other threads finish theirs: `own_units` multiplies units
+  // [own_begin, own_end) and stores the sums in partial_sums (no epilogue); `other_units`
+  // multiplies the rest, adds partial_sums and runs the epilogue.
+  StepPart part;
+  long own_begin, own_end;
+  T* partial_sums;  // [batch, gate_stride], the gate buffer's column order
 };
 
 // One time step backward for hidden columns [col_begin, col_end) of w_hh_t (multiples of its panel

@@ -41,6 +41,24 @@ struct ThreadContext {
   void split(long n, long grain, long& begin, long& end) const;
 };
 
+// Point-to-point ordering for a time loop: each thread of a region announces the steps it has
+// finished, and a thread that reads the others' results of a step waits for exactly those
+// (cheaper than a barrier: it can work on its own results while the others catch up).
+class StepProgress {
+ public:
+  explicit StepProgress(int threads) : done_(static_cast<std::size_t>(threads)) {}
+  void finished(const ThreadContext& ctx, long step) {
+    done_[static_cast<std::size_t>(ctx.index)].step.store(step, std::memory_order_release);
+  }
+  void wait_for_others(const ThreadContext& ctx, long step) const;
+
+ private:
+  struct alignas(64) Done {  // one cache line each: threads write their own
+    std::atomic<long> step{-1};
+  };
+  std::vector<Done> done_;
+};
+
 class ThreadPool {
  public:
   // The threads a region uses unless told otherwise: FASTRNN_NUM_THREADS, or else the cores this

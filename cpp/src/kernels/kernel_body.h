@@ -412,19 +412,48 @@ struct RnnForwardEpilogue {
 
 template <class V, int NV, class Epilogue>
 void run_step_forward(const StepForwardArgs<typename V::value_type>& s, const Epilogue& epilogue) {
+  using T = typename V::value_type;
   constexpr int MR = kMicroRows;
+  constexpr long W = V::lanes;
   const Layout& L = *s.layout;
-  const long panel_size = L.output * NV * V::lanes;
+  const long panel_size = L.output * NV * W;
+  // The units of h_prev this call multiplies: [k0, k1) and [k2, k3).
+  long k0 = 0, k1 = s.h_prev ? L.output : 0, k2 = 0, k3 = 0;
+  if (s.part == StepPart::own_units) {
+    k0 = s.own_begin;
+    k1 = s.own_end;
+  } else if (s.part == StepPart::other_units) {
+    k1 = s.own_begin;
+    k2 = s.own_end;
+    k3 = L.output;
+  }
   for (long p = s.panel_begin; p < s.panel_end; ++p) {
-    const auto* panel = s.w_hh + p * panel_size;
+    const T* panel = s.w_hh + p * panel_size;
     for (long row0 = 0; row0 < s.batch; row0 += MR) {
       with_rows<MR>(min_long(MR, s.batch - row0), [&]<int R>() {
+        const T* h = s.h_prev ? s.h_prev + row0 * s.h_prev_stride : nullptr;
         V acc[R][NV];
-        if (s.h_prev)
-          multiply_panel<V, R, NV>(L.output, s.h_prev + row0 * s.h_prev_stride, s.h_prev_stride, 1,
-                                   panel, acc);
-        else
-          multiply_panel<V, R, NV>(0, s.h_prev, 0, 0, panel, acc);  // zero state: acc = 0
+        multiply_panel<V, R, NV>(k1 - k0, h + k0, s.h_prev_stride, 1, panel + k0 * NV * W, acc);
+        if (s.part == StepPart::own_units) {
+          T* partial = s.partial_sums + row0 * L.gate_stride + p * NV * W;
+          FASTRNN_UNROLL
+          for (int r = 0; r < R; ++r) {
+            FASTRNN_UNROLL
+            for (int v = 0; v < NV; ++v) acc[r][v].store(partial + r * L.gate_stride + v * W);
+          }
+          return;
+        }
+        if (s.part == StepPart::other_units) {
+          const T* partial = s.partial_sums + row0 * L.gate_stride + p * NV * W;
+          V more[R][NV];
+          multiply_panel<V, R, NV>(k3 - k2, h + k2, s.h_prev_stride, 1, panel + k2 * NV * W, more);
+          FASTRNN_UNROLL
+          for (int r = 0; r < R; ++r) {
+            FASTRNN_UNROLL
+            for (int v = 0; v < NV; ++v)
+              acc[r][v] = acc[r][v] + more[r][v] + V::load(partial + r * L.gate_stride + v * W);
+          }
+        }
         epilogue.template operator()<R>(acc, row0, p);
       });
     }
