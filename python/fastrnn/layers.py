@@ -65,6 +65,12 @@ def _shape(shape: tuple[int, ...]) -> str:
     return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
 
 
+def _stack(arrays: list[np.ndarray]) -> np.ndarray:
+    """np.stack, with a single array (one layer, one direction) as a free view: np.stack itself
+    costs microseconds, a share of a short sequence's call."""
+    return arrays[0][None] if len(arrays) == 1 else np.stack(arrays)
+
+
 def _state_pair(value: Any, name: str, form: str) -> tuple[Any, Any]:
     """The LSTM's (h, c) pair; None means (None, None)."""
     if value is None:
@@ -314,6 +320,11 @@ class _RNNBase(_Module):
         self.bidirectional = bool(bidirectional)
         self.proj_size = proj_size
         self._saved: tuple[Any, ...] | None = None
+        self._unit_names = [
+            f"l{layer}{'_reverse' if d else ''}"
+            for layer in range(self.num_layers)
+            for d in range(self.num_directions)
+        ]
         self._init_params(dtype, seed)
 
     # -- parameters -------------------------------------------------------------------------
@@ -329,11 +340,7 @@ class _RNNBase(_Module):
 
     def _units(self) -> list[str]:
         """Packed units in torch.nn's order: l0, l0_reverse, l1, ..."""
-        return [
-            f"l{layer}{'_reverse' if d else ''}"
-            for layer in range(self.num_layers)
-            for d in range(self.num_directions)
-        ]
+        return self._unit_names
 
     def _param_shapes(self) -> dict[str, tuple[int, ...]]:
         rows, out = self._gates * self.hidden_size, self._output_size
@@ -400,7 +407,7 @@ class _RNNBase(_Module):
             states.append(layer_states)
             masks.append(mask)
         tape = _Tape(states, masks) if keep else None
-        return layer_input, np.stack(h_n), np.stack(c_n) if self._gates == 4 else None, tape
+        return layer_input, _stack(h_n), _stack(c_n) if self._gates == 4 else None, tape
 
     def _dropout_mask(self, shape: tuple[int, ...]) -> np.ndarray:
         """Zeros with probability p, else 1 / (1 - p) (inverted dropout, as torch)."""
@@ -455,7 +462,7 @@ class _RNNBase(_Module):
                 grad = None if grad is None else grad + dx
             for d, (_, dh, dc) in enumerate(results):
                 dh0[layer * directions + d], dc0[layer * directions + d] = dh, dc
-        return grad, np.stack(dh0), np.stack(dc0) if self._gates == 4 else None
+        return grad, _stack(dh0), _stack(dc0) if self._gates == 4 else None
 
     # -- user-facing shapes -------------------------------------------------------------------
 
