@@ -43,7 +43,8 @@ struct ThreadContext {
 
 // Point-to-point ordering for a time loop: each thread of a region announces the steps it has
 // finished, and a thread that reads the others' results of a step waits for exactly those
-// (cheaper than a barrier: it can work on its own results while the others catch up).
+// (cheaper than a barrier: it can work on its own results while the others catch up). Steps are
+// counted up from 0 in the order the loop runs them.
 class StepProgress {
  public:
   explicit StepProgress(int threads) : done_(static_cast<std::size_t>(threads)) {}
