@@ -82,6 +82,28 @@ def test_lengths_and_stacks_do_not_depend_on_thread_count(
             assert_close(grad, results[0][1][name], np.float32, "grad", name)
 
 
+CELLS = {"lstm": fastrnn.LSTMCell, "gru": fastrnn.GRUCell, "rnn_tanh": fastrnn.RNNCell}
+
+
+@pytest.mark.parametrize("kind", list(CELLS))
+def test_cell_backward_does_not_depend_on_thread_count(isa, kind, restore_threads):
+    # One step's backward splits its weight-gradient GEMMs between the threads.
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 100)).astype(np.float32)
+    grad_h = rng.standard_normal((2, 260)).astype(np.float32)
+    results = []
+    for threads in (1, 2, 3):
+        fastrnn.set_num_threads(threads)
+        cell = CELLS[kind](100, 260, seed=5)
+        cell(x)
+        dx = cell.backward(grad_h)[0]
+        results.append((dx, {k: v.copy() for k, v in cell.grads.items()}))
+    for dx, grads in results[1:]:
+        assert_close(dx, results[0][0], np.float32, "grad", "dx")
+        for name, grad in grads.items():
+            assert_close(grad, results[0][1][name], np.float32, "grad", name)
+
+
 def test_set_num_threads_rejects_bad_values(restore_threads):
     with pytest.raises(ValueError, match="n must be >= 1"):
         fastrnn.set_num_threads(0)
