@@ -8,7 +8,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <exception>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -268,19 +267,9 @@ void run_calls(std::vector<PreparedCall>& calls) {
     calls[0].run();
     return;
   }
-  std::vector<std::exception_ptr> errors(calls.size());
-  ThreadPool::global().run(static_cast<int>(calls.size()), [&](const ThreadContext& ctx) {
-    for (std::size_t i = static_cast<std::size_t>(ctx.index); i < calls.size();
-         i += static_cast<std::size_t>(ctx.count)) {
-      try {
-        calls[i].run();
-      } catch (...) {  // e.g. bad_alloc: nothing may leave a parallel region
-        errors[i] = std::current_exception();
-      }
-    }
-  });
-  for (const std::exception_ptr& error : errors)
-    if (error) std::rethrow_exception(error);
+  const int count = static_cast<int>(calls.size());
+  ThreadPool::global().run_tasks(count, count,
+                                 [&](int i) { calls[static_cast<std::size_t>(i)].run(); });
 }
 
 template <class T>

@@ -1,4 +1,3 @@
-#include <exception>
 #include <functional>
 #include <iterator>
 #include <stdexcept>
@@ -106,20 +105,9 @@ std::shared_ptr<const PackedLayer<T>> pack_layer(const IsaKernels& isa, Cell cel
       },
   };
   constexpr int kTasks = static_cast<int>(std::size(tasks));
-  std::exception_ptr errors[kTasks];
   const long elements = L.gate_stride * (input + output) + 2 * output * hidden;
   const int threads = elements >= kParallelPackElements ? kTasks : 1;
-  ThreadPool::global().run(threads, [&](const ThreadContext& ctx) {
-    for (int i = ctx.index; i < kTasks; i += ctx.count) {
-      try {
-        tasks[i]();
-      } catch (...) {  // bad_alloc: nothing may leave a parallel region
-        errors[i] = std::current_exception();
-      }
-    }
-  });
-  for (const std::exception_ptr& error : errors)
-    if (error) std::rethrow_exception(error);
+  ThreadPool::global().run_tasks(threads, kTasks, [&](int i) { tasks[i](); });
   // The GRU's b_hn is applied inside r * (W_hn·h + b_hn): it gets its own vector.
   const bool gru = cell == Cell::gru;
   const long hn_row0 = 2 * hidden;  // torch.nn.GRU's rows: r, z, n

@@ -8,6 +8,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <exception>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -86,6 +87,25 @@ class ThreadPool {
   template <class Body>
   void run(int threads, Body&& body) {
     run_job(threads, &invoke<std::remove_reference_t<Body>>, &body);
+  }
+
+  // Runs task(i) for every i in [0, count), spread over up to `threads` threads. Unlike a region's
+  // body, a task may throw (say, bad_alloc): once all tasks are done, the exception of the first
+  // one that failed is rethrown here.
+  template <class Task>
+  void run_tasks(int threads, int count, Task&& task) {
+    std::vector<std::exception_ptr> errors(static_cast<std::size_t>(count));
+    run(threads, [&](const ThreadContext& ctx) {
+      for (int i = ctx.index; i < count; i += ctx.count) {
+        try {
+          task(i);
+        } catch (...) {  // nothing may leave a parallel region
+          errors[static_cast<std::size_t>(i)] = std::current_exception();
+        }
+      }
+    });
+    for (const std::exception_ptr& error : errors)
+      if (error) std::rethrow_exception(error);
   }
 
   ~ThreadPool();
