@@ -10,22 +10,33 @@ inline long round_up(long value, long multiple) {
   return (value + multiple - 1) / multiple * multiple;
 }
 
-// Packs a rows x cols matrix given element-wise by value(k, j) into panels of panel_width columns
-// (the last panel narrower, padded with zeros to a multiple of lanes).
-template <class T, class ValueAt>
-PackedPanels<T> pack_panels(AlignedBuffer<T>& storage, long rows, long cols, long panel_width,
-                            long lanes, ValueAt value) {
+// Allocates a rows x cols matrix of panels in storage (cols rounded up to lanes) and calls
+// fill(panel, col0, width) for each: the panel of columns [col0, col0 + width), `width` values
+// per row. Every packer below lays its matrix out through this one loop.
+template <class T, class Fill>
+PackedPanels<T> pack_into_panels(AlignedBuffer<T>& storage, long rows, long cols, long panel_width,
+                                 long lanes, Fill fill) {
   const long padded_cols = round_up(cols, lanes);
   storage.reset(static_cast<std::size_t>(rows * padded_cols));
   T* out = storage.data();
   for (long col0 = 0; col0 < padded_cols; col0 += panel_width) {
     const long width = padded_cols - col0 < panel_width ? padded_cols - col0 : panel_width;
-    T* panel = out + col0 * rows;  // earlier panels are all full: col0 / panel_width of them
-    for (long k = 0; k < rows; ++k)
-      for (long jj = 0; jj < width; ++jj)
-        panel[k * width + jj] = col0 + jj < cols ? value(k, col0 + jj) : T(0);
+    fill(out + col0 * rows, col0, width);  // earlier panels are all full: col0 / panel_width
   }
   return {out, rows, padded_cols, panel_width};
+}
+
+// Packs a rows x cols matrix given element-wise by value(k, j) into panels of panel_width columns
+// (the last panel narrower, padded with zeros to a multiple of lanes).
+template <class T, class ValueAt>
+PackedPanels<T> pack_panels(AlignedBuffer<T>& storage, long rows, long cols, long panel_width,
+                            long lanes, ValueAt value) {
+  return pack_into_panels(
+      storage, rows, cols, panel_width, lanes, [&](T* panel, long col0, long width) {
+        for (long k = 0; k < rows; ++k)
+          for (long jj = 0; jj < width; ++jj)
+            panel[k * width + jj] = col0 + jj < cols ? value(k, col0 + jj) : T(0);
+      });
 }
 
 // Packs a transposed gather: column j of the k_count x cols matrix is row row_of[j] of src (rows
@@ -37,23 +48,19 @@ PackedPanels<T> pack_transposed_rows(AlignedBuffer<T>& storage, const T* src, lo
                                      long k_count, const long* row_of, long cols, long panel_width,
                                      long lanes) {
   constexpr long kBlock = 16;
-  const long padded_cols = round_up(cols, lanes);
-  storage.reset(static_cast<std::size_t>(k_count * padded_cols));
-  T* out = storage.data();
-  for (long col0 = 0; col0 < padded_cols; col0 += panel_width) {
-    const long width = padded_cols - col0 < panel_width ? padded_cols - col0 : panel_width;
-    T* panel = out + col0 * k_count;
-    for (long k0 = 0; k0 < k_count; k0 += kBlock) {
-      const long block = k_count - k0 < kBlock ? k_count - k0 : kBlock;
-      for (long jj = 0; jj < width; ++jj) {
-        const long col = col0 + jj;
-        const long row = col >= cols ? -1 : row_of ? row_of[col] : col;
-        const T* line = row >= 0 ? src + row * src_stride + k0 : nullptr;
-        for (long kk = 0; kk < block; ++kk) panel[(k0 + kk) * width + jj] = line ? line[kk] : T(0);
-      }
-    }
-  }
-  return {out, k_count, padded_cols, panel_width};
+  return pack_into_panels(storage, k_count, cols, panel_width, lanes,
+                          [&](T* panel, long col0, long width) {
+                            for (long k0 = 0; k0 < k_count; k0 += kBlock) {
+                              const long block = k_count - k0 < kBlock ? k_count - k0 : kBlock;
+                              for (long jj = 0; jj < width; ++jj) {
+                                const long col = col0 + jj;
+                                const long row = col >= cols ? -1 : row_of ? row_of[col] : col;
+                                const T* line = row >= 0 ? src + row * src_stride + k0 : nullptr;
+                                for (long kk = 0; kk < block; ++kk)
+                                  panel[(k0 + kk) * width + jj] = line ? line[kk] : T(0);
+                              }
+                            }
+                          });
 }
 
 // Packs a row gather: row k of the rows x cols matrix is row row_of[k] of src (< 0: zeros), its
@@ -62,21 +69,17 @@ template <class T>
 PackedPanels<T> pack_gathered_rows(AlignedBuffer<T>& storage, const T* src, long src_stride,
                                    long src_cols, const long* row_of, long rows, long cols,
                                    long panel_width, long lanes) {
-  const long padded_cols = round_up(cols, lanes);
-  storage.reset(static_cast<std::size_t>(rows * padded_cols));
-  T* out = storage.data();
-  for (long col0 = 0; col0 < padded_cols; col0 += panel_width) {
-    const long width = padded_cols - col0 < panel_width ? padded_cols - col0 : panel_width;
-    const long copied = src_cols - col0 < width ? (src_cols > col0 ? src_cols - col0 : 0) : width;
-    T* panel = out + col0 * rows;
-    for (long k = 0; k < rows; ++k) {
-      T* to = panel + k * width;
-      const T* from = row_of[k] >= 0 ? src + row_of[k] * src_stride + col0 : nullptr;
-      for (long jj = 0; jj < copied; ++jj) to[jj] = from ? from[jj] : T(0);
-      for (long jj = copied; jj < width; ++jj) to[jj] = T(0);
-    }
-  }
-  return {out, rows, padded_cols, panel_width};
+  return pack_into_panels(
+      storage, rows, cols, panel_width, lanes, [&](T* panel, long col0, long width) {
+        const long copied =
+            src_cols - col0 < width ? (src_cols > col0 ? src_cols - col0 : 0) : width;
+        for (long k = 0; k < rows; ++k) {
+          T* to = panel + k * width;
+          const T* from = row_of[k] >= 0 ? src + row_of[k] * src_stride + col0 : nullptr;
+          for (long jj = 0; jj < copied; ++jj) to[jj] = from ? from[jj] : T(0);
+          for (long jj = copied; jj < width; ++jj) to[jj] = T(0);
+        }
+      });
 }
 
 // The row of torch.nn's (G*H, .) weight behind packed gate column `col`, or -1 for padding.
