@@ -229,11 +229,13 @@ void gemm(const GemmArgs<T>& g) {
   constexpr long kBlockM = MR * 12;
   constexpr long kInPlaceMaxPanels = 8;
   const PackedPanels<T>& b = *g.b_packed;
+  // The row of C that row i of the product goes to (< 0: dropped).
+  const auto c_row_index = [&](long i) { return g.c_row_of ? g.c_row_of[i] : i; };
   if (g.m <= 0 || g.n <= 0) return;
   if (g.k <= 0) {
     if (!g.accumulate)
       for (long i = 0; i < g.m; ++i) {
-        const long c_index = g.c_row_of ? g.c_row_of[i] : i;
+        const long c_index = c_row_index(i);
         if (c_index < 0) continue;
         for (long j = 0; j < g.n; ++j) g.c[c_index * g.ldc + j] = g.bias ? g.bias[j] : T(0);
       }
@@ -285,7 +287,7 @@ void gemm(const GemmArgs<T>& g) {
               // Fetch this tile of C while the FMAs run: a weight gradient's rows (scattered
               // by c_row_of, megabytes in all) are rarely in cache, and a miss stalls the update.
               for (long r = 0; r < R; ++r) {
-                const long c_index = g.c_row_of ? g.c_row_of[m0 + r0 + r] : m0 + r0 + r;
+                const long c_index = c_row_index(m0 + r0 + r);
                 if (c_index < 0) continue;
                 FASTRNN_UNROLL
                 for (int v = 0; v < NV; ++v)
@@ -299,7 +301,7 @@ void gemm(const GemmArgs<T>& g) {
                 multiply_panel<V, R, NV>(kc, g.a.data + (m0 + r0) * g.a.row_stride + k0,
                                          g.a.row_stride, 1, panel, acc);
               for (long r = 0; r < R; ++r) {
-                const long c_index = g.c_row_of ? g.c_row_of[m0 + r0 + r] : m0 + r0 + r;
+                const long c_index = c_row_index(m0 + r0 + r);
                 if (c_index < 0) continue;
                 T* c_row = g.c + c_index * g.ldc + col0;
                 FASTRNN_UNROLL
