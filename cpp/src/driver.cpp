@@ -31,6 +31,8 @@ constexpr long kParallelStepWork = 1L << 16;
 constexpr long kParallelCallWork = 1L << 18;
 // Rows per thread from which the batch split wins (no barrier, the micro-kernel's rows full).
 constexpr long kBatchSplitRows = 32;
+// A thread's share of W_hh from which a step's panels run in alternating order (see forward).
+constexpr long kAlternateOrderBytes = 1L << 20;
 
 template <class T>
 void copy_rows(T* dst, long dst_stride, const T* src, long src_stride, long rows, long cols) {
@@ -259,6 +261,13 @@ void forward(const std::shared_ptr<const PackedLayer<T>>& layer, const Sequences
       if (projected) ctx.split(panel_count(p.w_hr_panels), 1, proj0, proj1);
     }
 
+    // A thread's W_hh about as large as its L2 is streamed from L3 each step in a fixed order;
+    // alternating the order keeps part of it in L2 (LSTM H=512, B=4: 3-5% a call). A smaller
+    // one stays in L2 either way, and the fixed order lets the prefetchers run on from one panel
+    // into the next (GRU H=256: 2% slower alternating).
+    const long w_hh_bytes =
+        (panel1 - panel0) * L.gates * L.panel_hidden * L.output * static_cast<long>(sizeof(T));
+    const bool alternate_order = w_hh_bytes >= kAlternateOrderBytes;
     StepForwardArgs<T> step{};
     step.layout = &L;
     step.w_hh = p.w_hh.data();
@@ -301,6 +310,7 @@ void forward(const std::shared_ptr<const PackedLayer<T>>& layer, const Sequences
         step.c_next = c_after(t) + row0 * Hp;
       }
       if (gru && state) step.hidden_gate = state->hidden_gate.data() + row * Hp;
+      step.descending = alternate_order && t % 2 == 1;
       const bool has_panels = step.batch > 0 && panel0 < panel1;
       if (split_steps && ctx.count > 1) {
         // The units of h_{t-1} this thread computed, then, once the others are done with step

@@ -449,7 +449,8 @@ void run_step_forward(const StepForwardArgs<typename V::value_type>& args) {
       k3 = L.output;
     }
     const T* h = s.h_prev ? s.h_prev + row0 * s.h_prev_stride : nullptr;
-    for (long p = first; p < last; ++p) {
+    for (long i = first; i < last; ++i) {
+      const long p = s.descending ? first + last - 1 - i : i;
       const T* panel = s.w_hh + p * panel_size;
       V acc[R][NV];
       multiply_panel<V, R, NV>(k1 - k0, h + k0, s.h_prev_stride, 1, panel + k0 * NV * W, acc);
@@ -485,10 +486,12 @@ void run_step_forward(const StepForwardArgs<typename V::value_type>& args) {
     });
     return;
   }
-  for (long p = args.panel_begin; p < args.panel_end; ++p)
+  for (long i = args.panel_begin; i < args.panel_end; ++i) {
+    const long p = args.descending ? args.panel_begin + args.panel_end - 1 - i : i;
     for (long row0 = 0; row0 < args.batch; row0 += MR)
       with_rows<MR>(min_long(MR, args.batch - row0),
                     [&]<int R>() { panels.template operator()<R>(row0, p, p + 1); });
+  }
 }
 
 template <class T>
