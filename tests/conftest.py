@@ -73,6 +73,14 @@ def isa(request):
 
 
 @pytest.fixture
+def restore_threads():
+    """Put the thread count back as it was after a test that sets it."""
+    previous = fastrnn.get_num_threads()
+    yield
+    fastrnn.set_num_threads(previous)
+
+
+@pytest.fixture
 def rng(request):
     """A generator seeded from the test id: different data per test, the same on every run."""
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))

@@ -453,19 +453,15 @@ def test_eval_forward_matches_reference(kind, dtype, rng):
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("kind", KINDS)
-def test_large_w_hh_matches_reference(isa, kind, dtype, threads, rng):
+def test_large_w_hh_matches_reference(isa, kind, dtype, threads, rng, restore_threads):
     # A thread's W_hh of 1 MiB or more runs its panels in alternating order, step by step.
     layer = make_layer(kind, 7, 520, dtype)
     x = rng.standard_normal((4, 2, 7)).astype(dtype)
     hx = make_hx(kind, rng, 2, 520, dtype)
     grad_out = rng.standard_normal((4, 2, 520)).astype(dtype)
-    previous = fastrnn.get_num_threads()
     fastrnn.set_num_threads(threads)
-    try:
-        got = run_layer(layer, kind, x, hx, grad_out)
-        inference = run_layer(layer.eval(), kind, x, hx, backward=False)
-    finally:
-        fastrnn.set_num_threads(previous)
+    got = run_layer(layer, kind, x, hx, grad_out)
+    inference = run_layer(layer.eval(), kind, x, hx, backward=False)
     ref = run_reference(kind, layer.state_dict(), x, hx, grad_out)
     compare(got, ref, dtype)
     compare(inference, run_reference(kind, layer.state_dict(), x, hx, backward=False), dtype)

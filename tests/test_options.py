@@ -1345,13 +1345,6 @@ def test_cell_clear_tape(kind, rng):
     cell.eval().clear_tape()
 
 
-@pytest.fixture
-def restore_threads():
-    previous = fastrnn.get_num_threads()
-    yield
-    fastrnn.set_num_threads(previous)
-
-
 # (B, T, H): small (one thread per direction) and large (a direction could use both threads)
 BIDIRECTIONAL_SHAPES = [(3, 5, 9), (70, 12, 33), (4, 12, 200)]
 

@@ -13,13 +13,6 @@ import fastrnn
 from conftest import DTYPE_IDS, DTYPES, assert_close
 
 
-@pytest.fixture
-def restore_threads():
-    previous = fastrnn.get_num_threads()
-    yield
-    fastrnn.set_num_threads(previous)
-
-
 def _train_step(layer, x, grad_out):
     out, _ = layer(x)
     layer.backward(grad_out)
