@@ -467,6 +467,37 @@ def test_large_w_hh_matches_reference(isa, kind, dtype, threads, rng, restore_th
     compare(inference, run_reference(kind, layer.state_dict(), x, hx, backward=False), dtype)
 
 
+# (T, B, input, hidden): the GEMM's blocks of K (input 1100; 1200 rows for the weight gradients)
+# and of rows (200 rows, 10 panels), the step's row blocks prefetching the next panel (batch 64),
+# and W_hh past a core's L2 (4 MiB at hidden 520), split by hidden units at batch 64 on two
+# threads and by batch at 130.
+LARGE_SHAPES = [
+    (3, 2, 1100, 40),
+    (30, 40, 20, 24),
+    (5, 40, 300, 160),
+    (3, 64, 9, 520),
+    (2, 130, 9, 520),
+]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", LARGE_SHAPES, ids=lambda s: "T{}B{}I{}H{}".format(*s))
+def test_large_shapes_match_reference(isa, shape, kind, dtype, threads, rng, restore_threads):
+    T, B, IN, H = shape
+    layer = make_layer(kind, IN, H, dtype)
+    x = rng.standard_normal((T, B, IN)).astype(dtype)
+    hx = make_hx(kind, rng, B, H, dtype)
+    grad_out = rng.standard_normal((T, B, H)).astype(dtype)
+    fastrnn.set_num_threads(threads)
+    got = run_layer(layer, kind, x, hx, grad_out)
+    inference = run_layer(layer.eval(), kind, x, hx, backward=False)
+    ref = run_reference(kind, layer.state_dict(), x, hx, grad_out)
+    compare(got, ref, dtype)
+    compare(inference, run_reference(kind, layer.state_dict(), x, hx, backward=False), dtype)
+
+
 # ----------------------------------------------------------------- state_dict / parameters
 
 

@@ -29,8 +29,12 @@ constexpr long kInferenceGateElements = 1L << 20;
 // and below kParallelCallWork in all, so does starting a parallel region (~1 us).
 constexpr long kParallelStepWork = 1L << 16;
 constexpr long kParallelCallWork = 1L << 18;
-// Rows per thread from which the batch split wins (no barrier, the micro-kernel's rows full).
+// Rows per thread from which the batch split wins (no barrier, the micro-kernel's rows full),
+// twice as many when W_hh is larger than a core's L2: split by batch, each thread streams all of
+// W_hh from L3 every step; split by hidden units, only its share, for twice the rows (LSTM
+// H=1024: 12% faster by hidden units at B=64, even at B=128; H=512: 4% at B=64).
 constexpr long kBatchSplitRows = 32;
+constexpr long kL2Bytes = 2L << 20;
 // A thread's share of W_hh from which a step's panels run in alternating order (see forward).
 constexpr long kAlternateOrderBytes = 1L << 20;
 
@@ -67,21 +71,21 @@ struct GemmOutput {
 
 // The output columns of panels [first, last) of B: C[:, cols] (=|+=) A·B[:, cols].
 template <class T>
-void gemm_panels(const KernelTable<T>& k, long m, long n, long kk, StridedMatrix<T> a,
+void gemm_panels(const KernelTable<T>& k, T* a_block, long m, long n, long kk, StridedMatrix<T> a,
                  const PackedPanels<T>& b, long first, long last, const GemmOutput<T>& out) {
   const long col0 = first * b.panel_width;
   if (first >= last || col0 >= n) return;
   const PackedPanels<T> part = panel_range(b, first, last);
   k.gemm({m, std::min(n - col0, part.cols), kk, a, &part, out.c + col0, out.ldc, out.accumulate,
-          out.bias ? out.bias + col0 : nullptr, out.c_row_of});
+          out.bias ? out.bias + col0 : nullptr, out.c_row_of, a_block});
 }
 
 // This thread's part of a GEMM: by rows (in eights) or by B's panels, whichever leaves the
 // busiest thread the smaller share. A short GEMM split by rows idles a thread: M = 100 on two
 // threads is 56 + 44 rows, while its 8 panels split evenly (and each thread streams half of B).
 template <class T>
-void gemm_part(const KernelTable<T>& k, const ThreadContext& ctx, long m, long n, long kk,
-               StridedMatrix<T> a, const PackedPanels<T>& b, const GemmOutput<T>& out) {
+void gemm_part(const KernelTable<T>& k, T* a_block, const ThreadContext& ctx, long m, long n,
+               long kk, StridedMatrix<T> a, const PackedPanels<T>& b, const GemmOutput<T>& out) {
   if (m <= 0 || n <= 0) return;
   const long row_units = (m + 7) / 8;
   const long panels = std::min(panel_count(b), (n + b.panel_width - 1) / b.panel_width);
@@ -94,10 +98,10 @@ void gemm_part(const KernelTable<T>& k, const ThreadContext& ctx, long m, long n
     StridedMatrix<T> rows{a.data + begin * a.row_stride, a.row_stride, a.col_stride};
     T* c = out.c_row_of ? out.c : out.c + begin * out.ldc;
     const long* c_row_of = out.c_row_of ? out.c_row_of + begin : nullptr;
-    k.gemm({end - begin, n, kk, rows, &b, c, out.ldc, out.accumulate, out.bias, c_row_of});
+    k.gemm({end - begin, n, kk, rows, &b, c, out.ldc, out.accumulate, out.bias, c_row_of, a_block});
   } else {
     ctx.split(panels, 1, begin, end);
-    gemm_panels(k, m, n, kk, a, b, begin, end, out);
+    gemm_panels(k, a_block, m, n, kk, a, b, begin, end, out);
   }
 }
 
@@ -113,6 +117,13 @@ int threads_for(long steps, long step_work, long passes) {
   const bool worth_it =
       step_work >= kParallelStepWork && passes * steps * step_work >= kParallelCallWork;
   return worth_it ? ThreadPool::global().threads() : 1;
+}
+
+// Whether a time loop of `batch` rows on `threads` threads splits the batch, not the hidden units.
+template <class T>
+bool split_by_batch(const PackedLayer<T>& p, long batch, int threads) {
+  const bool w_hh_in_l2 = p.w_hh.size() * sizeof(T) <= kL2Bytes;
+  return batch >= kBatchSplitRows * (w_hh_in_l2 ? 1 : 2) * threads;
 }
 
 // Rows of a [rows, cols] matrix gathered (dst[r] = src[from[r]]) or scattered (dst[to[r]] =
@@ -245,14 +256,16 @@ void forward(const std::shared_ptr<const PackedLayer<T>>& layer, const Sequences
   }
 
   const int threads = threads_for(steps, batch * step_multiply_adds(L), 1);
-  const bool batch_split = batch >= kBatchSplitRows * threads;
+  const bool batch_split = split_by_batch(p, batch, threads);
   // Hidden split without a projection: a step needs the other threads' part of h_{t-1} only for
   // half of its product, so each thread waits for exactly that (StepProgress), not at a barrier.
   const bool split_steps = !batch_split && !projected && threads > 1;
   AlignedBuffer<T> partial_sums(static_cast<std::size_t>(split_steps ? batch * G : 0));
+  AlignedBuffer<T> gemm_blocks(static_cast<std::size_t>(threads * k.gemm_block_elements));
   StepProgress progress(split_steps ? threads : 0);
   ThreadPool::global().run(threads, [&](const ThreadContext& ctx) {
     FlushDenormalsScope flush_denormals;
+    T* const a_block = gemm_blocks.data() + ctx.index * k.gemm_block_elements;
     long row0 = 0, row1 = batch, panel0 = 0, panel1 = L.panels, proj0 = 0, proj1 = 0;
     if (batch_split) {
       ctx.split(batch, 1, row0, row1);
@@ -289,12 +302,12 @@ void forward(const std::shared_ptr<const PackedLayer<T>>& layer, const Sequences
         T* gates_chunk = gates + (state ? chunk_row0 * G : 0);
         if (batch_split) {
           if (t > 0) ctx.sync();  // every thread is done reading the previous chunk
-          gemm_part(k, ctx, chunk_rows, G, I, {x_chunk, I, 1}, p.w_ih_panels,
+          gemm_part(k, a_block, ctx, chunk_rows, G, I, {x_chunk, I, 1}, p.w_ih_panels,
                     GemmOutput<T>{gates_chunk, G, p.bias.data()});
           ctx.sync();
         } else {
           // The thread's own gate columns: no other thread reads them.
-          gemm_panels(k, chunk_rows, G, I, {x_chunk, I, 1}, p.w_ih_panels, panel0, panel1,
+          gemm_panels(k, a_block, chunk_rows, G, I, {x_chunk, I, 1}, p.w_ih_panels, panel0, panel1,
                       GemmOutput<T>{gates_chunk, G, p.bias.data()});
         }
       }
@@ -328,19 +341,10 @@ void forward(const std::shared_ptr<const PackedLayer<T>>& layer, const Sequences
       if (has_panels) k.step_forward(step);
       if (!batch_split) ctx.sync();  // h_t (h_full) is complete before anyone reads it
       if (projected && batch_split) {
-        if (step.batch > 0)
-          k.gemm({step.batch,
-                  P,
-                  H,
-                  {h_full_t + row0 * H, H, 1},
-                  &p.w_hr_panels,
-                  out + row * P,
-                  P,
-                  false,
-                  nullptr,
-                  nullptr});
+        gemm_panels(k, a_block, step.batch, P, H, {h_full_t + row0 * H, H, 1}, p.w_hr_panels, 0,
+                    panel_count(p.w_hr_panels), GemmOutput<T>{out + row * P, P});
       } else if (projected) {
-        gemm_panels(k, seq.sizes[t], P, H, {h_full_t, H, 1}, p.w_hr_panels, proj0, proj1,
+        gemm_panels(k, a_block, seq.sizes[t], P, H, {h_full_t, H, 1}, p.w_hr_panels, proj0, proj1,
                     GemmOutput<T>{out + seq.offset[t] * P, P});
         ctx.sync();
       }
@@ -441,9 +445,11 @@ void backward(TrainingState<T>& state, const T* grad_out_in, const T* grad_h_n, 
   // A single step's backward still splits its weight-gradient GEMMs: on two cores the
   // gradients' rows stream from two L2 caches (an LSTMCell training step at H = 128: 50 to 33 us).
   const int threads = threads_for(steps, batch * step_multiply_adds(L), 3);
-  const bool batch_split = batch >= kBatchSplitRows * threads;
+  const bool batch_split = split_by_batch(p, batch, threads);
+  AlignedBuffer<T> gemm_blocks(static_cast<std::size_t>(threads * k.gemm_block_elements));
   ThreadPool::global().run(threads, [&](const ThreadContext& ctx) {
     FlushDenormalsScope flush_denormals;
+    T* const a_block = gemm_blocks.data() + ctx.index * k.gemm_block_elements;
     long row0 = 0, row1 = batch, col0 = 0, col1 = w_step.cols, proj0 = 0, proj1 = 0;
     if (batch_split) {
       ctx.split(batch, 1, row0, row1);
@@ -461,8 +467,9 @@ void backward(TrainingState<T>& state, const T* grad_out_in, const T* grad_h_n, 
       const long c1 = std::min(q1 * p.w_hh_t_panels.panel_width, P);
       T* dh = grad_h.data() + seq.offset[t] * P;
       if (std::min(r1, next) > r0)
-        gemm_panels(k, std::min(r1, next) - r0, P, G, {dgates + (seq.offset[t + 1] + r0) * G, G, 1},
-                    p.w_hh_t_panels, q0, q1, GemmOutput<T>{dh + r0 * P, P});
+        gemm_panels(k, a_block, std::min(r1, next) - r0, P, G,
+                    {dgates + (seq.offset[t + 1] + r0) * G, G, 1}, p.w_hh_t_panels, q0, q1,
+                    GemmOutput<T>{dh + r0 * P, P});
       for (long r = r0; r < r1; ++r)
         for (long j = c0; j < c1; ++j) {
           T value = r < next ? dh[r * P + j] : grad_h_n ? grad_h_n[r * P + j] : T(0);
@@ -531,11 +538,12 @@ void backward(TrainingState<T>& state, const T* grad_out_in, const T* grad_h_n, 
     };
     // dh0 = dG_0 · W_hh and dW_hh += dGᵀ·h_prev, added straight into torch.nn's rows (the packed
     // gate columns are in panel order: torch_row maps them back, padding dropped).
-    gemm_part(k, ctx, batch, P, G, {dgates, G, 1}, p.w_hh_t_panels, GemmOutput<T>{grad_h0, P});
-    gemm_part(k, ctx, G, P, rows, {dgates, 1, G}, h_panels,
+    gemm_part(k, a_block, ctx, batch, P, G, {dgates, G, 1}, p.w_hh_t_panels,
+              GemmOutput<T>{grad_h0, P});
+    gemm_part(k, a_block, ctx, G, P, rows, {dgates, 1, G}, h_panels,
               GemmOutput<T>{grads.w_hh, P, nullptr, true, torch_row});
     if (projected)
-      gemm_part(k, ctx, P, H, rows, {grad_h.data(), 1, P}, h_full_panels,
+      gemm_part(k, a_block, ctx, P, H, rows, {grad_h.data(), 1, P}, h_full_panels,
                 GemmOutput<T>{grads.w_hr, H, nullptr, true});
     if (gru) {
       // The input side differs in the n gate: put its gradient into the n columns.
@@ -556,8 +564,9 @@ void backward(TrainingState<T>& state, const T* grad_out_in, const T* grad_h_n, 
     }
     // dX = dG · W_ih (unless not wanted) and dW_ih += dGᵀ·x.
     if (grad_x)
-      gemm_part(k, ctx, rows, I, G, {dgates, G, 1}, p.w_ih_t_panels, GemmOutput<T>{grad_x, I});
-    gemm_part(k, ctx, G, I, rows, {dgates, 1, G}, x_panels,
+      gemm_part(k, a_block, ctx, rows, I, G, {dgates, G, 1}, p.w_ih_t_panels,
+                GemmOutput<T>{grad_x, I});
+    gemm_part(k, a_block, ctx, G, I, rows, {dgates, 1, G}, x_panels,
               GemmOutput<T>{grads.w_ih, I, nullptr, true, torch_row});
   });
   if (lstm && grad_c0) copy_rows(grad_c0, H, grad_c.data(), Hp, batch, H);

@@ -67,6 +67,8 @@ struct GemmArgs {
   const T* bias;         // n values added to every row (nullptr: none); ignored when accumulate
   const long* c_row_of;  // row i of the product goes to C row c_row_of[i] (< 0: dropped);
                          // nullptr: row i
+  T* a_block;            // the calling thread's space to pack blocks of A in:
+                         // KernelTable::gemm_block_elements values
 };
 
 enum class StepPart : int { whole = 0, own_units = 1, other_units = 2 };
@@ -137,7 +139,8 @@ struct StepBackwardArgs {
 template <class T>
 struct KernelTable {
   int lanes;
-  int gemm_panel_vectors;  // vectors per full panel of a generic packed matrix
+  int gemm_panel_vectors;    // vectors per full panel of a generic packed matrix
+  long gemm_block_elements;  // size of GemmArgs::a_block
   void (*gemm)(const GemmArgs<T>&);
   void (*step_forward)(const StepForwardArgs<T>&);
   void (*step_backward)(const StepBackwardArgs<T>&);
