@@ -450,28 +450,13 @@ def test_eval_forward_matches_reference(kind, dtype, rng):
     compare(got, run_reference(kind, layer.state_dict(), x, hx, backward=False), dtype)
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("kind", KINDS)
-def test_large_w_hh_matches_reference(isa, kind, dtype, threads, rng, restore_threads):
-    # A thread's W_hh of 1 MiB or more runs its panels in alternating order, step by step.
-    layer = make_layer(kind, 7, 520, dtype)
-    x = rng.standard_normal((4, 2, 7)).astype(dtype)
-    hx = make_hx(kind, rng, 2, 520, dtype)
-    grad_out = rng.standard_normal((4, 2, 520)).astype(dtype)
-    fastrnn.set_num_threads(threads)
-    got = run_layer(layer, kind, x, hx, grad_out)
-    inference = run_layer(layer.eval(), kind, x, hx, backward=False)
-    ref = run_reference(kind, layer.state_dict(), x, hx, grad_out)
-    compare(got, ref, dtype)
-    compare(inference, run_reference(kind, layer.state_dict(), x, hx, backward=False), dtype)
-
-
 # (T, B, input, hidden): the GEMM's blocks of K (input 1100; 1200 rows for the weight gradients)
 # and of rows (200 rows, 10 panels), the step's row blocks prefetching the next panel (batch 64),
-# and W_hh past a core's L2 (4 MiB at hidden 520), split by hidden units at batch 64 on two
+# and W_hh past a core's L2 (4 MiB at hidden 520): a thread's 1 MiB or more runs its panels in
+# alternating order step by step (batch 2), and it is split by hidden units at batch 64 on two
 # threads and by batch at 130.
 LARGE_SHAPES = [
+    (4, 2, 7, 520),
     (3, 2, 1100, 40),
     (30, 40, 20, 24),
     (5, 40, 300, 160),
