@@ -464,6 +464,11 @@ struct RnnForwardEpilogue {
   }
 };
 
+// Panel i of [first, last) in the order a step runs them (see StepForwardArgs::descending).
+FASTRNN_INLINE long panel_in_order(bool descending, long first, long last, long i) {
+  return descending ? first + last - 1 - i : i;
+}
+
 template <class V, int NV, class Epilogue>
 void run_step_forward(const StepForwardArgs<typename V::value_type>& args) {
   using T = typename V::value_type;
@@ -489,7 +494,7 @@ void run_step_forward(const StepForwardArgs<typename V::value_type>& args) {
     }
     const T* h = s.h_prev ? s.h_prev + row0 * s.h_prev_stride : nullptr;
     for (long i = first; i < last; ++i) {
-      const long p = s.descending ? first + last - 1 - i : i;
+      const long p = panel_in_order(s.descending, first, last, i);
       const T* panel = s.w_hh + p * panel_size;
       V acc[R][NV];
       multiply_panel<V, R, NV>(k1 - k0, h + k0, s.h_prev_stride, 1, panel + k0 * NV * W, acc,
@@ -529,10 +534,13 @@ void run_step_forward(const StepForwardArgs<typename V::value_type>& args) {
   // The row blocks of a panel prefetch the next panel in shares (see Prefetch).
   const long panel_bytes = panel_size * static_cast<long>(sizeof(T));
   const long row_blocks = (args.batch + MR - 1) / MR;
+  const auto in_order = [&](long i) {
+    return panel_in_order(args.descending, args.panel_begin, args.panel_end, i);
+  };
   for (long i = args.panel_begin; i < args.panel_end; ++i) {
-    const long p = args.descending ? args.panel_begin + args.panel_end - 1 - i : i;
-    const long next = args.descending ? p - 1 : p + 1;
-    const T* next_panel = i + 1 < args.panel_end ? args.w_hh + next * panel_size : nullptr;
+    const long p = in_order(i);
+    const T* next_panel =
+        i + 1 < args.panel_end ? args.w_hh + in_order(i + 1) * panel_size : nullptr;
     for (long row0 = 0; row0 < args.batch; row0 += MR) {
       const Prefetch<T> prefetch =
           next_panel ? prefetch_share(next_panel, panel_bytes, row0 / MR, row_blocks)
