@@ -20,6 +20,7 @@ def test_info_self_check_passes():
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"active ISA:     {fastrnn.active_isa()}" in result.stdout
     assert f"threads: {fastrnn.get_num_threads()}" in result.stdout
+    assert f"L2 cache: {fastrnn._core._l2_cache_bytes() >> 10} KiB per core" in result.stdout
     assert "all checks passed" in result.stdout
 
 

@@ -486,6 +486,7 @@ PYBIND11_MODULE(_core, m) {
   try {
     select_isa_from_environment();
     ThreadPool::global().set_threads(ThreadPool::default_threads());
+    l2_cache_bytes();  // read from the OS now, not inside a layer call's first parallel region
   } catch (const std::invalid_argument& e) {
     throw py::import_error(e.what());
   }
@@ -507,6 +508,8 @@ PYBIND11_MODULE(_core, m) {
         }
       },
       py::arg("name"), "Testing hook: use another ISA for layers packed from now on.");
+  m.def("_l2_cache_bytes", &l2_cache_bytes,
+        "One core's L2 cache in bytes, as detected at import (it sizes the work split).");
   m.def(
       "get_num_threads", [] { return ThreadPool::global().threads(); },
       "Threads a layer call may use (the calling thread included).");

@@ -1,8 +1,12 @@
 #include "fastrnn/dispatch.h"
 
+#include <unistd.h>
+
 #include <atomic>
 #include <cstdlib>
+#include <fstream>
 #include <stdexcept>
+#include <string>
 
 #if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
 #include <cpuid.h>
@@ -112,5 +116,28 @@ void select_isa_from_environment() {
 }
 
 const IsaKernels& active_isa() { return *active.load(); }
+
+long l2_cache_bytes() {
+  static const long bytes = [] {
+    long size = -1;
+#if defined(_SC_LEVEL2_CACHE_SIZE)
+    size = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+    // Linux's description of cpu0's caches: level 2, data or unified, "1024K".
+    for (int index = 0; size <= 0 && index < 8; ++index) {
+      const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index);
+      int level = 0;
+      std::string type, text;
+      if (!(std::ifstream(dir + "/level") >> level) || level != 2) continue;
+      if (!(std::ifstream(dir + "/type") >> type) || type == "Instruction") continue;
+      if (!(std::ifstream(dir + "/size") >> text)) continue;
+      char* unit = nullptr;
+      const long value = std::strtol(text.c_str(), &unit, 10);  // never throws: 0 if not a number
+      size = *unit == 'K' ? value << 10 : *unit == 'M' ? value << 20 : value;
+    }
+    return size > 0 ? size : 1L << 20;
+  }();
+  return bytes;
+}
 
 }  // namespace fastrnn

@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "fastrnn/dispatch.h"
 #include "fastrnn/fp_env.h"
 #include "fastrnn/layer.h"
 #include "fastrnn/thread_pool.h"
@@ -34,9 +35,6 @@ constexpr long kParallelCallWork = 1L << 18;
 // W_hh from L3 every step; split by hidden units, only its share, for twice the rows (LSTM
 // H=1024: 12% faster by hidden units at B=64, even at B=128; H=512: 4% at B=64).
 constexpr long kBatchSplitRows = 32;
-constexpr long kL2Bytes = 2L << 20;
-// A thread's share of W_hh from which a step's panels run in alternating order (see forward).
-constexpr long kAlternateOrderBytes = 1L << 20;
 
 template <class T>
 void copy_rows(T* dst, long dst_stride, const T* src, long src_stride, long rows, long cols) {
@@ -122,7 +120,7 @@ int threads_for(long steps, long step_work, long passes) {
 // Whether a time loop of `batch` rows on `threads` threads splits the batch, not the hidden units.
 template <class T>
 bool split_by_batch(const PackedLayer<T>& p, long batch, int threads) {
-  const bool w_hh_in_l2 = p.w_hh.size() * sizeof(T) <= kL2Bytes;
+  const bool w_hh_in_l2 = static_cast<long>(p.w_hh.size() * sizeof(T)) <= l2_cache_bytes();
   return batch >= kBatchSplitRows * (w_hh_in_l2 ? 1 : 2) * threads;
 }
 
@@ -274,13 +272,14 @@ void forward(const std::shared_ptr<const PackedLayer<T>>& layer, const Sequences
       if (projected) ctx.split(panel_count(p.w_hr_panels), 1, proj0, proj1);
     }
 
-    // A thread's W_hh about as large as its L2 is streamed from L3 each step in a fixed order;
-    // alternating the order keeps part of it in L2 (LSTM H=512, B=4: 3-5% a call). A smaller
-    // one stays in L2 either way, and the fixed order lets the prefetchers run on from one panel
-    // into the next (GRU H=256: 2% slower alternating).
+    // A thread's W_hh from half its L2 up is streamed from L3 each step in a fixed order, once
+    // the gate buffer and the states share the L2 with it; alternating the order keeps part of it
+    // in L2 (LSTM H=512, B=4, 2 MiB L2: 3-5% a call; H=256, B=1, 1 MiB L2: 3%). A smaller one
+    // stays in L2 either way, and the fixed order lets the prefetchers run on from one panel into
+    // the next (GRU H=256, 2 MiB L2: 2% slower alternating).
     const long w_hh_bytes =
         (panel1 - panel0) * L.gates * L.panel_hidden * L.output * static_cast<long>(sizeof(T));
-    const bool alternate_order = w_hh_bytes >= kAlternateOrderBytes;
+    const bool alternate_order = 2 * w_hh_bytes >= l2_cache_bytes();
     StepForwardArgs<T> step{};
     step.layout = &L;
     step.w_hh = p.w_hh.data();

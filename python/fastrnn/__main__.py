@@ -66,6 +66,7 @@ def info() -> int:
     print(
         f"threads: {_core.get_num_threads()} (usable cores: {_usable_cores()}; FASTRNN_NUM_THREADS)"
     )
+    print(f"L2 cache: {_core._l2_cache_bytes() >> 10} KiB per core")
     print("self-check against fastrnn.reference (LSTM and ReLU RNN, forward and all gradients):")
     tolerances = {np.dtype(np.float32): 2e-4, np.dtype(np.float64): 1e-9}
     ok = True

@@ -19,4 +19,9 @@ void select_isa_from_environment();
 void set_active_isa(const std::string& name);
 const IsaKernels& active_isa();
 
+// One core's L2 cache in bytes, read once from the OS (sysconf, else sysfs; 1 MiB when neither
+// tells). The drivers size their split of the work and the order of the weight panels by it: the
+// same build runs on cores with 1 MiB (Zen 4) and 2 MiB (recent Xeons) of L2.
+long l2_cache_bytes();
+
 }  // namespace fastrnn
