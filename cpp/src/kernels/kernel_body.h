@@ -385,12 +385,6 @@ struct LstmForwardEpilogue {
   using T = typename V::value_type;
   const StepForwardArgs<T>& s;
 
-  FASTRNN_INLINE void prefetch_inputs(long row, long panel) const {
-    const Layout& L = *s.layout;
-    prefetch_values(s.gates + row * L.gate_stride + panel * 4 * L.panel_hidden, 4 * L.panel_hidden);
-    prefetch_values(s.c_prev + row * L.hidden_padded + panel * L.panel_hidden, L.panel_hidden);
-  }
-
   template <int MR>
   FASTRNN_INLINE void operator()(const V (&acc)[MR][4 * U], long row0, long panel) const {
     const Layout& L = *s.layout;
@@ -430,11 +424,6 @@ struct GruForwardEpilogue {
   using T = typename V::value_type;
   const StepForwardArgs<T>& s;
 
-  FASTRNN_INLINE void prefetch_inputs(long row, long panel) const {
-    const Layout& L = *s.layout;
-    prefetch_values(s.gates + row * L.gate_stride + panel * 3 * L.panel_hidden, 3 * L.panel_hidden);
-  }
-
   template <int MR>
   FASTRNN_INLINE void operator()(const V (&acc)[MR][3], long row0, long panel) const {
     const Layout& L = *s.layout;
@@ -468,11 +457,6 @@ template <class V, int U, bool kRelu>
 struct RnnForwardEpilogue {
   using T = typename V::value_type;
   const StepForwardArgs<T>& s;
-
-  FASTRNN_INLINE void prefetch_inputs(long row, long panel) const {
-    const Layout& L = *s.layout;
-    prefetch_values(s.gates + row * L.gate_stride + panel * L.panel_hidden, L.panel_hidden);
-  }
 
   template <int MR>
   FASTRNN_INLINE void operator()(const V (&acc)[MR][U], long row0, long panel) const {
@@ -525,9 +509,14 @@ void run_step_forward(const StepForwardArgs<typename V::value_type>& args) {
     for (long i = first; i < last; ++i) {
       const long p = panel_in_order(s.descending, first, last, i);
       const T* panel = s.w_hh + p * panel_size;
-      if (s.part != StepPart::own_units) {
+      if (s.part != StepPart::own_units) {  // the epilogue's inputs: the panel's gate columns, c
         FASTRNN_UNROLL
-        for (int r = 0; r < R; ++r) epilogue.prefetch_inputs(row0 + r, p);
+        for (int r = 0; r < R; ++r) {
+          prefetch_values(s.gates + (row0 + r) * L.gate_stride + p * NV * W, NV * W);
+          if (s.c_prev)
+            prefetch_values(s.c_prev + (row0 + r) * L.hidden_padded + p * L.panel_hidden,
+                            L.panel_hidden);
+        }
       }
       V acc[R][NV];
       multiply_panel<V, R, NV>(k1 - k0, h + k0, s.h_prev_stride, 1, panel + k0 * NV * W, acc,
