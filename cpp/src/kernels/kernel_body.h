@@ -386,27 +386,43 @@ struct LstmForwardEpilogue {
     const Layout& L = *s.layout;
     const long hb = L.panel_hidden;
     FASTRNN_UNROLL
-    for (long r = 0; r < MR; ++r) {
-      const long row = row0 + r;
-      T* gates = s.gates + row * L.gate_stride + panel * 4 * hb;
+    for (int u = 0; u < U; ++u) {
+      const long j = panel * hb + u * V::lanes;
+      const long n = min_long(V::lanes, L.hidden - j);
+      T* gates[MR];
       FASTRNN_UNROLL
-      for (int u = 0; u < U; ++u) {
-        const long j = panel * hb + u * V::lanes;
-        T* gu = gates + u * V::lanes;
-        const V i = sigmoid(acc[r][0 * U + u] + V::load(gu + 0 * hb));
-        const V f = sigmoid(acc[r][1 * U + u] + V::load(gu + 1 * hb));
-        const V g = tanh(acc[r][2 * U + u] + V::load(gu + 2 * hb));
-        const V o = sigmoid(acc[r][3 * U + u] + V::load(gu + 3 * hb));
-        const V c = fma(f, V::load(s.c_prev + row * L.hidden_padded + j), i * g);
-        const V h = o * tanh(c);
-        c.store(s.c_next + row * L.hidden_padded + j);
-        const long n = min_long(V::lanes, L.hidden - j);
-        if (n > 0) store_first(s.h_next + row * s.h_next_stride + j, h, n);
-        if (s.store_gates) {
-          i.store(gu + 0 * hb);
-          f.store(gu + 1 * hb);
-          g.store(gu + 2 * hb);
-          o.store(gu + 3 * hb);
+      for (int r = 0; r < MR; ++r)
+        gates[r] = s.gates + (row0 + r) * L.gate_stride + panel * 4 * hb + u * V::lanes;
+      // Stage by stage over the rows, so that the rows' independent activations sit next to
+      // each other in the instruction stream, within reach of out-of-order execution: row by
+      // row, each row's chain (gates, then c, then tanh c) left the FP units half idle.
+      V i[MR], f[MR], g[MR], o[MR], c[MR];
+      FASTRNN_UNROLL
+      for (int r = 0; r < MR; ++r) i[r] = sigmoid(acc[r][0 * U + u] + V::load(gates[r] + 0 * hb));
+      FASTRNN_UNROLL
+      for (int r = 0; r < MR; ++r) f[r] = sigmoid(acc[r][1 * U + u] + V::load(gates[r] + 1 * hb));
+      FASTRNN_UNROLL
+      for (int r = 0; r < MR; ++r) g[r] = tanh(acc[r][2 * U + u] + V::load(gates[r] + 2 * hb));
+      FASTRNN_UNROLL
+      for (int r = 0; r < MR; ++r) o[r] = sigmoid(acc[r][3 * U + u] + V::load(gates[r] + 3 * hb));
+      FASTRNN_UNROLL
+      for (int r = 0; r < MR; ++r) {
+        const long state = (row0 + r) * L.hidden_padded + j;
+        c[r] = fma(f[r], V::load(s.c_prev + state), i[r] * g[r]);
+        c[r].store(s.c_next + state);
+      }
+      FASTRNN_UNROLL
+      for (int r = 0; r < MR; ++r) {
+        const V h = o[r] * tanh(c[r]);
+        if (n > 0) store_first(s.h_next + (row0 + r) * s.h_next_stride + j, h, n);
+      }
+      if (s.store_gates) {
+        FASTRNN_UNROLL
+        for (int r = 0; r < MR; ++r) {
+          i[r].store(gates[r] + 0 * hb);
+          f[r].store(gates[r] + 1 * hb);
+          g[r].store(gates[r] + 2 * hb);
+          o[r].store(gates[r] + 3 * hb);
         }
       }
     }
