@@ -1024,3 +1024,67 @@ def test_backward_without_grad_input_gives_the_same_other_gradients(
             assert_close(b, a, dtype, "grad", name)
     for name, a, b in zip(PARAM_NAMES, results[0][3], results[1][3]):
         assert_close(b, a, dtype, "grad", name)
+
+
+# --------------------------------------------------------------------------- reverse in place
+
+
+@pytest.mark.parametrize("batch", [3, 64], ids=["hidden-split", "batch-split"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_reverse_inference_equals_forward_of_flipped_sequences(
+    isa, cell, batch, rng, restore_threads
+):
+    """An inference reverse call on sequences of one length reads x and writes out in place, step
+    t at input step T - 1 - t, chunk by chunk: the forward call's results on the flipped
+    sequences, flipped back. Two threads, split by hidden units and by batch rows, states given
+    and inputs projected in several chunks (over 2**20 gate values)."""
+    from fastrnn import _core
+
+    fastrnn.set_num_threads(2)
+    gates = {"lstm": 4, "gru": 3}.get(cell, 1)
+    steps, inputs, hidden = 4200 // batch, 7, 130
+    # Scaled for a contracting recurrence: the two calls' input projections may round
+    # differently (other chunk and row-block boundaries), and a chaotic one would amplify that.
+    w_ih, w_hh, b_ih, b_hh = [
+        (rng.standard_normal(s) * 0.5 / np.sqrt(hidden)).astype(np.float32)
+        for s in [(gates * hidden, inputs), (gates * hidden, hidden)] + [(gates * hidden,)] * 2
+    ]
+    layer = _core.pack(cell, w_ih, w_hh, b_ih, b_hh)
+    x = rng.standard_normal((steps, batch, inputs)).astype(np.float32)
+    h0 = rng.standard_normal((batch, hidden)).astype(np.float32)
+    c0 = rng.standard_normal((batch, hidden)).astype(np.float32) if cell == "lstm" else None
+    out, h_n, c_n, _ = _core.forward(layer, x, h0, c0, False, None, True)
+    flipped_out, flipped_h_n, flipped_c_n, _ = _core.forward(
+        layer, np.ascontiguousarray(x[::-1]), h0, c0, False, None, False
+    )
+    assert_close(out, flipped_out[::-1], np.float32, "fwd", "out")
+    assert_close(h_n, flipped_h_n, np.float32, "fwd", "h_n")
+    if c0 is not None:
+        assert_close(c_n, flipped_c_n, np.float32, "fwd", "c_n")
+
+
+def test_concatenated_forwards_need_the_same_rows_and_dtype(rng):
+    """forward_each's concatenate writes the calls' outputs side by side into one array."""
+    from fastrnn import _core
+
+    layer = fastrnn.LSTM(3, 4, bidirectional=True, seed=0)
+    units = [layer._packed_unit(u, "lstm") for u in ("l0", "l0_reverse")]
+    x = rng.standard_normal((5, 2, 3)).astype(np.float32)
+    results = _core.forward_each(
+        [
+            (units[0], x, None, None, False, None, False),
+            (units[1], x, None, None, False, None, True),
+        ],
+        True,
+    )
+    assert results[0][0] is results[1][0] and results[0][0].shape == (5, 2, 8)
+    alone = _core.forward(units[1], x, None, None, False, None, True)[0]
+    np.testing.assert_array_equal(results[0][0][..., 4:], alone)
+    double = fastrnn.LSTM(3, 4, dtype=np.float64, seed=0)._packed_unit("l0", "lstm")
+    for unit, rows in ((units[1], x[:4]), (double, x)):
+        calls = [
+            (units[0], x, None, None, False, None, False),
+            (unit, rows, None, None, False, None, True),
+        ]
+        with pytest.raises(ValueError, match="same dtype and rows"):
+            _core.forward_each(calls, True)

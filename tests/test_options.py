@@ -477,6 +477,31 @@ def test_matches_torch_eval_mode(isa, kind, rng):
 
 # --------------------------------------------------------------------------- 2. lengths
 
+@requires_torch
+@pytest.mark.parametrize("kind", KINDS)
+def test_matches_torch_eval_bidirectional_one_length(isa, kind, rng):
+    """Eval forwards of sequences of one length, where the reverse direction reads x and writes
+    its output in place (no reversed copies) and both directions write into one array: states
+    given, two layers, and long enough that the inputs are projected in several chunks (over
+    2**20 gate values)."""
+    dtype = np.float32
+    tm, fm = make_pair(kind, 5, 20, dtype=dtype, num_layers=2, bidirectional=True)
+    tm.eval()
+    fm.eval()
+    x = rng.standard_normal((600, 64, 5)).astype(dtype)
+    h0, c0 = random_states(fm, rng, 64)
+    with torch.no_grad():
+        hx = torch.from_numpy(h0) if c0 is None else (torch.from_numpy(h0), torch.from_numpy(c0))
+        t_out, t_state = tm(torch.from_numpy(x), hx)
+    out, h_n, c_n = call(fm, x, h0, c0)
+    assert out.flags.c_contiguous and out.shape == t_out.shape
+    assert_close(out, t_out.numpy(), dtype, "fwd", "out")
+    t_h = t_state if c0 is None else t_state[0]
+    assert_close(h_n, t_h.numpy(), dtype, "fwd", "h_n")
+    if c0 is not None:
+        assert_close(c_n, t_state[1].numpy(), dtype, "fwd", "c_n")
+
+
 LENGTH_OPTIONS = [
     dict(num_layers=1, bidirectional=False),
     dict(num_layers=2, bidirectional=True),

@@ -284,11 +284,21 @@ void run_calls(std::vector<PreparedCall>& calls) {
                                  [&](int i) { calls[static_cast<std::size_t>(i)].run(); });
 }
 
+// forward_each's concatenated output: call after call writes the next `output` columns of one
+// array of `width` columns, which the first call allocates. A bidirectional layer's directions
+// write side by side, with no np.concatenate (a copy of the whole output).
+struct SharedOutput {
+  py::object array;  // null until the first call
+  long width = 0;
+  long column = 0;  // the next call's first column
+};
+
 template <class T>
 PreparedCall prepare_forward(const Layer& layer, const py::array& x_in,
                              const std::optional<py::array>& h0_in,
                              const std::optional<py::array>& c0_in, bool training,
-                             const std::optional<py::array>& batch_sizes, bool reverse) {
+                             const std::optional<py::array>& batch_sizes, bool reverse,
+                             SharedOutput* shared) {
   const Layout& L = layer.layout();
   const bool lstm = L.cell == Cell::lstm, packed = batch_sizes.has_value();
   CArray<T> x = as_array<T>(x_in, "x");
@@ -297,16 +307,28 @@ PreparedCall prepare_forward(const Layer& layer, const py::array& x_in,
   if (c0_in && !lstm) throw py::value_error("c0 is only for the LSTM");
   const auto h0 = optional_input<T>(h0_in, h_shape, "h0");
   const auto c0 = optional_input<T>(c0_in, c_shape, "c0");
-  CArray<T> out = new_array<T>(rows_shape(*seq, packed, L.output));
+  const long out_stride = shared ? shared->width : L.output;
+  const std::vector<py::ssize_t> out_shape = rows_shape(*seq, packed, out_stride);
+  long out_column = 0;
+  CArray<T> out = [&] {
+    if (!shared) return new_array<T>(out_shape);
+    if (!shared->array)
+      shared->array = new_array<T>(out_shape);
+    else if (!has_dtype<T>(shared->array) || shape_of(shared->array) != out_shape)
+      throw py::value_error("concatenated forwards must have the same dtype and rows");
+    out_column = shared->column;
+    shared->column += L.output;
+    return py::reinterpret_borrow<CArray<T>>(shared->array);
+  }();
   CArray<T> h_n = new_state_array<T>(h_shape);
   std::optional<CArray<T>> c_n;
   if (lstm) c_n = new_state_array<T>(c_shape);
   std::shared_ptr<TrainingState<T>> state;
   if (training) state = std::make_shared<TrainingState<T>>();
   auto run = [packed_layer = layer.get<T>(), seq, reverse, x = x.data(), h0 = data_or_null(h0),
-              c0 = data_or_null(c0), out = out.mutable_data(), h_n = h_n.mutable_data(),
-              c_n = c_n ? c_n->mutable_data() : nullptr, state] {
-    forward<T>(packed_layer, *seq, reverse, x, h0, c0, out, h_n, c_n, state.get());
+              c0 = data_or_null(c0), out = out.mutable_data() + out_column, out_stride,
+              h_n = h_n.mutable_data(), c_n = c_n ? c_n->mutable_data() : nullptr, state] {
+    forward<T>(packed_layer, *seq, reverse, x, h0, c0, out, out_stride, h_n, c_n, state.get());
   };
   // The arrays stay alive in result's captures until the call is done.
   auto result = [x, h0, c0, out, h_n, c_n, state, packed]() -> py::object {
@@ -328,9 +350,11 @@ PreparedCall prepare_forward(const Layer& layer, const py::array& x_in,
 PreparedCall prepare_forward_any(const Layer& layer, const py::array& x,
                                  const std::optional<py::array>& h0,
                                  const std::optional<py::array>& c0, bool training,
-                                 const std::optional<py::array>& batch_sizes, bool reverse) {
-  if (layer.f32) return prepare_forward<float>(layer, x, h0, c0, training, batch_sizes, reverse);
-  return prepare_forward<double>(layer, x, h0, c0, training, batch_sizes, reverse);
+                                 const std::optional<py::array>& batch_sizes, bool reverse,
+                                 SharedOutput* shared = nullptr) {
+  if (layer.f32)
+    return prepare_forward<float>(layer, x, h0, c0, training, batch_sizes, reverse, shared);
+  return prepare_forward<double>(layer, x, h0, c0, training, batch_sizes, reverse, shared);
 }
 
 py::object forward_any(const Layer& layer, const py::array& x, const std::optional<py::array>& h0,
@@ -425,13 +449,19 @@ py::list run_each(const py::list& argument_tuples, Prepare prepare) {
   return results;
 }
 
-py::list forward_each(const py::list& calls) {
-  return run_each(calls, [](py::handle arguments) {
-    const auto [layer, x, h0, c0, training, batch_sizes, reverse] =
-        py::cast<std::tuple<const Layer&, py::array, std::optional<py::array>,
-                            std::optional<py::array>, bool, std::optional<py::array>, bool>>(
-            arguments);
-    return prepare_forward_any(layer, x, h0, c0, training, batch_sizes, reverse);
+py::list forward_each(const py::list& calls, bool concatenate) {
+  using Arguments = std::tuple<const Layer&, py::array, std::optional<py::array>,
+                               std::optional<py::array>, bool, std::optional<py::array>, bool>;
+  std::optional<SharedOutput> shared;
+  if (concatenate) {
+    shared.emplace();
+    for (const py::handle arguments : calls)
+      shared->width += std::get<0>(py::cast<Arguments>(arguments)).layout().output;
+  }
+  return run_each(calls, [&](py::handle arguments) {
+    const auto [layer, x, h0, c0, training, batch_sizes, reverse] = py::cast<Arguments>(arguments);
+    return prepare_forward_any(layer, x, h0, c0, training, batch_sizes, reverse,
+                               shared ? &*shared : nullptr);
   });
 }
 
@@ -558,10 +588,11 @@ PYBIND11_MODULE(_core, m) {
         "Time-major forward of x (seq_len, batch, input), or of x (rows, input) packed like a "
         "PackedSequence with its batch_sizes; reverse runs each sequence back to front. Returns "
         "(out, h_n, c_n or None, TrainingState or None).");
-  m.def("forward_each", &forward_each, py::arg("calls"),
+  m.def("forward_each", &forward_each, py::arg("calls"), py::arg("concatenate") = false,
         "Several independent forwards at once, each on its own thread (e.g. the two directions "
         "of a layer): calls is a list of (layer, x, h0, c0, training, batch_sizes, reverse); "
-        "returns the list of forward's results.");
+        "returns the list of forward's results. With concatenate, the calls (same dtype and "
+        "rows) write their outputs side by side into one array, every result's out.");
   m.def("backward_each", &backward_each, py::arg("calls"),
         "Several independent backwards at once: calls is a list of (state, grad_out, grad_h_n, "
         "grad_c_n, grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh, grad_weight_hr, "

@@ -133,9 +133,9 @@ void gather_rows(T* dst, const T* src, const std::vector<long>& from, long cols)
                 static_cast<std::size_t>(cols) * sizeof(T));
 }
 template <class T>
-void scatter_rows(T* dst, const T* src, const std::vector<long>& to, long cols) {
+void scatter_rows(T* dst, long dst_stride, const T* src, const std::vector<long>& to, long cols) {
   for (std::size_t r = 0; r < to.size(); ++r)
-    std::memcpy(dst + to[r] * cols, src + static_cast<long>(r) * cols,
+    std::memcpy(dst + to[r] * dst_stride, src + static_cast<long>(r) * cols,
                 static_cast<std::size_t>(cols) * sizeof(T));
 }
 
@@ -182,7 +182,7 @@ std::vector<long> Sequences::reversed_rows() const {
 
 template <class T>
 void forward(const std::shared_ptr<const PackedLayer<T>>& layer, const Sequences& seq, bool reverse,
-             const T* x_in, const T* h0, const T* c0, T* out_in, T* h_n, T* c_n,
+             const T* x_in, const T* h0, const T* c0, T* out_in, long out_stride, T* h_n, T* c_n,
              TrainingState<T>* state) {
   const PackedLayer<T>& p = *layer;
   const Layout& L = p.layout;
@@ -199,11 +199,20 @@ void forward(const std::shared_ptr<const PackedLayer<T>>& layer, const Sequences
 
   // Every buffer is allocated before any work, so a request too large fails at once.
   // A reverse layer runs on its sequences reversed, then puts its outputs back in input order.
+  // In inference on sequences of one length, step t of the reversed sequences is input step
+  // steps - 1 - t, whose rows are contiguous: it reads x and writes out in place (first_row),
+  // with no reversed copies of x and out (2-3% of a direction's time at B=16, H=256).
+  const bool reverse_in_place =
+      reverse && !state &&
+      std::all_of(seq.sizes.begin(), seq.sizes.end(), [&](long size) { return size == batch; });
+  const auto first_row = [&](long t) { return seq.offset[reverse_in_place ? steps - 1 - t : t]; };
   std::vector<long> reversed;
   AlignedBuffer<T> reversed_x, reversed_out;
   const T* x = x_in;
   T* out = out_in;
-  if (reverse) {
+  long os = out_stride;  // out's row stride
+  if (reverse && !reverse_in_place) {
+    os = P;
     reversed = seq.reversed_rows();
     reversed_x.reset(static_cast<std::size_t>(rows * I));
     reversed_out.reset(static_cast<std::size_t>(rows * P));
@@ -283,8 +292,7 @@ void forward(const std::shared_ptr<const PackedLayer<T>>& layer, const Sequences
     StepForwardArgs<T> step{};
     step.layout = &L;
     step.w_hh = p.w_hh.data();
-    step.h_prev_stride = P;
-    step.h_next_stride = H;
+    step.h_next_stride = projected ? H : os;
     step.store_gates = state != nullptr;
     step.bias_hn = p.bias_hn.size() ? p.bias_hn.data() : nullptr;
     step.panel_begin = panel0;
@@ -295,8 +303,9 @@ void forward(const std::shared_ptr<const PackedLayer<T>>& layer, const Sequences
     long chunk_row0 = 0;  // first row of the chunk of x·W_ihᵀ in the gate buffer
     for (long t = 0; t < steps; ++t) {
       if (t % chunk_steps == 0) {
-        chunk_row0 = seq.offset[t];
-        const long chunk_rows = seq.offset[std::min(t + chunk_steps, steps)] - chunk_row0;
+        const long chunk_end = std::min(t + chunk_steps, steps);
+        chunk_row0 = std::min(first_row(t), first_row(chunk_end - 1));
+        const long chunk_rows = seq.offset[chunk_end] - seq.offset[t];
         const T* x_chunk = x + chunk_row0 * I;
         T* gates_chunk = gates + (state ? chunk_row0 * G : 0);
         if (batch_split) {
@@ -310,12 +319,13 @@ void forward(const std::shared_ptr<const PackedLayer<T>>& layer, const Sequences
                       GemmOutput<T>{gates_chunk, G, p.bias.data()});
         }
       }
-      const long row = seq.offset[t] + row0;
+      const long row = first_row(t) + row0;
       step.batch = std::max(0L, std::min(row1, seq.sizes[t]) - row0);
-      step.h_prev = t > 0 ? out + (seq.offset[t - 1] + row0) * P : h0 ? h0 + row0 * P : nullptr;
+      step.h_prev = t > 0 ? out + (first_row(t - 1) + row0) * os : h0 ? h0 + row0 * P : nullptr;
+      step.h_prev_stride = t > 0 ? os : P;
       // h_full's rows: the step's own in training, one buffer of batch rows in inference.
       T* h_full_t = h_full + (state ? seq.offset[t] : 0) * H;
-      step.h_next = projected ? h_full_t + row0 * H : out + row * H;
+      step.h_next = projected ? h_full_t + row0 * H : out + row * os;
       step.gates = gates + (state ? row : row - chunk_row0) * G;
       if (lstm) {
         step.c_prev = c_before(t) + row0 * Hp;
@@ -341,10 +351,10 @@ void forward(const std::shared_ptr<const PackedLayer<T>>& layer, const Sequences
       if (!batch_split) ctx.sync();  // h_t (h_full) is complete before anyone reads it
       if (projected && batch_split) {
         gemm_panels(k, a_block, step.batch, P, H, {h_full_t + row0 * H, H, 1}, p.w_hr_panels, 0,
-                    panel_count(p.w_hr_panels), GemmOutput<T>{out + row * P, P});
+                    panel_count(p.w_hr_panels), GemmOutput<T>{out + row * os, os});
       } else if (projected) {
         gemm_panels(k, a_block, seq.sizes[t], P, H, {h_full_t, H, 1}, p.w_hr_panels, proj0, proj1,
-                    GemmOutput<T>{out + seq.offset[t] * P, P});
+                    GemmOutput<T>{out + first_row(t) * os, os});
         ctx.sync();
       }
     }
@@ -353,7 +363,7 @@ void forward(const std::shared_ptr<const PackedLayer<T>>& layer, const Sequences
   // Each sequence's final state is its row at its last step.
   for (long b = 0; b < batch; ++b) {
     const long last = seq.length[b] - 1;
-    std::memcpy(h_n + b * P, out + (seq.offset[last] + b) * P,
+    std::memcpy(h_n + b * P, out + (first_row(last) + b) * os,
                 static_cast<std::size_t>(P) * sizeof(T));
     if (lstm && c_n)
       std::memcpy(c_n + b * H, c_after(last) + b * Hp, static_cast<std::size_t>(H) * sizeof(T));
@@ -368,9 +378,9 @@ void forward(const std::shared_ptr<const PackedLayer<T>>& layer, const Sequences
       std::memcpy(h_all, h0, static_cast<std::size_t>(batch * P) * sizeof(T));
     else
       std::fill(h_all, h_all + batch * P, T(0));
-    std::memcpy(h_all + batch * P, out, static_cast<std::size_t>(rows * P) * sizeof(T));
+    copy_rows(h_all + batch * P, P, out, os, rows, P);
   }
-  if (reverse) scatter_rows(out_in, out, reversed, P);
+  if (reverse && !reverse_in_place) scatter_rows(out_in, out_stride, out, reversed, P);
 }
 
 template <class T>
@@ -572,14 +582,14 @@ void backward(TrainingState<T>& state, const T* grad_out_in, const T* grad_h_n, 
   if (gru)  // h0 also reaches h_1 through z, past W_hh
     for (long b = 0; b < batch; ++b)
       for (long j = 0; j < H; ++j) grad_h0[b * H + j] += grad_h_carry.data()[b * Hp + j];
-  if (state.reverse && grad_x_in) scatter_rows(grad_x_in, grad_x, reversed, I);
+  if (state.reverse && grad_x_in) scatter_rows(grad_x_in, I, grad_x, reversed, I);
 }
 
 template void forward(const std::shared_ptr<const PackedLayer<float>>&, const Sequences&, bool,
-                      const float*, const float*, const float*, float*, float*, float*,
+                      const float*, const float*, const float*, float*, long, float*, float*,
                       TrainingState<float>*);
 template void forward(const std::shared_ptr<const PackedLayer<double>>&, const Sequences&, bool,
-                      const double*, const double*, const double*, double*, double*, double*,
+                      const double*, const double*, const double*, double*, long, double*, double*,
                       TrainingState<double>*);
 template void backward(TrainingState<float>&, const float*, const float*, const float*, float*,
                        float*, float*, const ParameterGrads<float>&);

@@ -390,14 +390,15 @@ class _RNNBase(_Module):
                 c_start = None if c0 is None else c0[k]
                 packed = self._packed_unit(units[k], cell)
                 calls.append((packed, layer_input, h_start, c_start, keep, batch_sizes, d == 1))
-            # The two directions run at once, each on a thread of its own.
-            outs, layer_states = [], []
-            for out, h, c, saved in _core.forward_each(calls):
-                outs.append(out)
+            # The two directions run at once, each on a thread of its own, and write their
+            # outputs side by side into one array.
+            results = _core.forward_each(calls, directions > 1)
+            layer_states = []
+            for _, h, c, saved in results:
                 h_n.append(h)
                 c_n.append(c)
                 layer_states.append(saved)
-            layer_input = outs[0] if directions == 1 else np.concatenate(outs, axis=-1)
+            layer_input = results[0][0]
             mask = None
             if dropout and self.dropout > 0 and layer < self.num_layers - 1:
                 mask = self._dropout_mask(layer_input.shape)

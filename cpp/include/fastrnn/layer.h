@@ -69,15 +69,15 @@ struct TrainingState {
 };
 
 // x [rows, input] in the row order of `sequences`; h0 [batch, output], c0 [batch, hidden] or
-// nullptr for zeros. Writes out [rows, output], h_n [batch, output] and (LSTM) c_n
-// [batch, hidden]: each sequence's state after its
-// last step. `reverse` runs every sequence from its last step to its first (the backward direction
-// of a bidirectional layer); out stays in input order. With a non-null `state`, keeps what
-// backward needs in it.
+// nullptr for zeros. Writes out [rows, output] with row stride out_stride >= output (so that the
+// two directions of a layer can write side by side), h_n [batch, output] and (LSTM) c_n
+// [batch, hidden]: each sequence's state after its last step. `reverse` runs every sequence from
+// its last step to its first (the backward direction of a bidirectional layer); out stays in
+// input order. With a non-null `state`, keeps what backward needs in it.
 template <class T>
 void forward(const std::shared_ptr<const PackedLayer<T>>& layer, const Sequences& sequences,
-             bool reverse, const T* x, const T* h0, const T* c0, T* out, T* h_n, T* c_n,
-             TrainingState<T>* state);
+             bool reverse, const T* x, const T* h0, const T* c0, T* out, long out_stride, T* h_n,
+             T* c_n, TrainingState<T>* state);
 
 // Gradients of the layer's parameters in torch.nn's layout; each is accumulated (+=).
 template <class T>
