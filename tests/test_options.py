@@ -477,6 +477,7 @@ def test_matches_torch_eval_mode(isa, kind, rng):
 
 # --------------------------------------------------------------------------- 2. lengths
 
+
 @requires_torch
 @pytest.mark.parametrize("kind", KINDS)
 def test_matches_torch_eval_bidirectional_one_length(isa, kind, rng):

@@ -27,9 +27,10 @@ MODES = ("inference", "training")
 class Case:
     """One benchmark shape: float32, input_size = hidden_size (DeepBench's convention)."""
 
-    # "lstm", "gru", "rnn_relu", "rnn_tanh", "lstm_cell" (one step of fastrnn.LSTMCell against
-    # torch.nn.LSTMCell), "torch_step" (a torch training step with fastrnn.torch.LSTM against
-    # torch.nn.LSTM), or "sgemm" (the limit)
+    # "lstm", "gru", "rnn_relu", "rnn_tanh", "lstm_cell" (one streaming step of fastrnn.LSTMCell
+    # against torch.nn.LSTMCell: each call takes the state the previous call returned),
+    # "torch_step" (a torch training step with fastrnn.torch.LSTM against torch.nn.LSTM), or
+    # "sgemm" (the limit)
     cell: str
     steps: int
     batch: int
@@ -160,12 +161,18 @@ def fastrnn_runner(case: Case, mode: str, threads: int) -> Callable[[], Any]:
     h = case.hidden
     if case.cell == "lstm_cell":
         cell = fastrnn.LSTMCell(h, h, seed=0)
+        zeros = np.zeros((case.batch, h), np.float32)
+        state = [(zeros, zeros)]
         if mode == "inference":
             cell.eval()
-            return lambda: cell(x[0])
+
+            def step() -> None:
+                state[0] = cell(x[0], state[0])
+
+            return step
 
         def train_step() -> None:
-            cell(x[0])
+            state[0] = cell(x[0], state[0])
             cell.backward(grad[0])
 
         return train_step
@@ -211,6 +218,17 @@ def reference_runner(case: Case, mode: str, threads: int) -> Callable[[], Any]:
         )
         run_backward = reference.rnn_backward
 
+    if case.cell == "lstm_cell":  # a streaming step: the state carries from call to call
+        zeros = np.zeros((case.batch, case.hidden), np.float32)
+        state = [zeros, zeros]
+
+        def step() -> None:
+            _, state[0], state[1], cache = reference.lstm_forward(x, state[0], state[1], *weights)
+            if mode == "training":
+                reference.lstm_backward(cache, grad)
+
+        return step
+
     def run() -> None:
         cache = run_forward()[-1]
         if mode == "training":
@@ -232,19 +250,21 @@ def torch_runner(case: Case, mode: str, threads: int) -> Callable[[], Any]:
     if case.cell == "lstm_cell":
         cell = torch.nn.LSTMCell(h, h)
         x = torch.from_numpy(x_np[0])
+        state = [(torch.zeros(case.batch, h), torch.zeros(case.batch, h))]
         if mode == "inference":
 
             def step() -> None:
                 with torch.inference_mode():
-                    cell(x)
+                    state[0] = cell(x, state[0])
 
             return step
         x.requires_grad_(True)
         g = torch.from_numpy(grad_np[0])
 
         def train_step() -> None:
-            hy, _ = cell(x)
+            hy, cy = cell(x, state[0])
             hy.backward(g)
+            state[0] = (hy.detach(), cy.detach())
 
         return train_step
     if case.cell == "torch_step":

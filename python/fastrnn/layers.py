@@ -875,21 +875,35 @@ class _CellBase(_Module):
         return array
 
     def _step(self, x: Any, h: Any, c: Any) -> tuple[np.ndarray, np.ndarray | None]:
-        x = _as_array(x, "input", self.dtype)
-        if x.ndim not in (1, 2) or x.shape[-1] != self.input_size:
+        # A streaming step is a few microseconds: arrays that are already right (NumPy's dtype
+        # singletons, the shapes) pass without the helpers' calls, 0.6 us of a 4 us call at H=4.
+        dtype = self.dtype
+        if type(x) is not np.ndarray or x.dtype is not dtype:
+            x = _as_array(x, "input", dtype)
+        shape = x.shape
+        batched = len(shape) == 2
+        if not (batched or len(shape) == 1) or shape[-1] != self.input_size:
             raise ValueError(
                 f"input must have shape (batch, {self.input_size}) or ({self.input_size},) "
-                f"unbatched, got {_shape(x.shape)}"
+                f"unbatched, got {_shape(shape)}"
             )
-        batched = x.ndim == 2
-        state_shape = (x.shape[0], self.hidden_size) if batched else (self.hidden_size,)
-        h = self._state(h, "h", state_shape)
-        c = self._state(c, "c", state_shape) if self._gates == 4 else None
+        state_shape = (shape[0], self.hidden_size) if batched else (self.hidden_size,)
+        if h is not None and (
+            type(h) is not np.ndarray or h.dtype is not dtype or h.shape != state_shape
+        ):
+            h = self._state(h, "h", state_shape)
+        if self._gates != 4:
+            c = None
+        elif c is not None and (
+            type(c) is not np.ndarray or c.dtype is not dtype or c.shape != state_shape
+        ):
+            c = self._state(c, "c", state_shape)
         if not batched:
             x, h, c = x[None], None if h is None else h[None], None if c is None else c[None]
-        _, h_next, c_next, saved = _core.forward(
-            self._packed_unit("", self._cell), x[None], h, c, self.training
-        )
+        packed = self._packed.get("")
+        if packed is None or packed.isa != _core.active_isa():
+            packed = self._packed_unit("", self._cell)
+        _, h_next, c_next, saved = _core.forward(packed, x[None], h, c, self.training)
         if saved is not None:
             self._tape.append((saved, batched, x.shape[0]))
         if not batched:
