@@ -30,30 +30,23 @@ namespace {
 template <class T>
 using CArray = py::array_t<T, py::array::c_style | py::array::forcecast>;
 
-// A new uninitialised array in fastrnn's recycled memory (buffer.cpp). A training loop asks for
-// outputs of the same shapes on every call, and fresh pages from the kernel cost a page fault and
-// a zeroing each: on large layers about 5% of a training step.
+// A new uninitialised array, 64-byte aligned in fastrnn's memory (buffer.cpp): a training loop
+// asks for outputs of the same shapes on every call, and large blocks are recycled (fresh pages
+// from the kernel cost a page fault and a zeroing each: about 5% of a training step of a large
+// layer); rows that threads write side by side share no cache line by accident. Below a page
+// (a cell step's outputs) NumPy's own array, without the capsule, saves 0.1-0.3 us an array on a
+// call of a few microseconds; the kernels store unaligned, so any alignment is correct.
 template <class T>
 CArray<T> new_array(const std::vector<py::ssize_t>& shape) {
+  constexpr std::size_t kPageBytes = 4096;
   std::size_t count = 1;
   for (const py::ssize_t n : shape) count *= static_cast<std::size_t>(n);
-  auto owner = std::make_unique<AlignedBuffer<T>>(std::max<std::size_t>(count, 1));
+  if (count * sizeof(T) < kPageBytes) return CArray<T>(shape);
+  auto owner = std::make_unique<AlignedBuffer<T>>(count);
   T* data = owner->data();
   py::capsule base(owner.get(), [](void* p) { delete static_cast<AlignedBuffer<T>*>(p); });
   owner.release();  // the capsule owns it now
   return CArray<T>(shape, data, base);
-}
-
-// A new array for a layer's final states, which the calling thread fills after the time loop, so
-// its alignment cannot make threads share a cache line. Below 64 KiB (the blocks buffer.cpp
-// recycles) both allocators are malloc, and NumPy's own array skips new_array's capsule: two
-// states save 0.3-0.6 us of a 7 us cell step.
-template <class T>
-CArray<T> new_state_array(const std::vector<py::ssize_t>& shape) {
-  constexpr py::ssize_t kSmallBytes = 64 << 10;
-  if (shape[0] * shape[1] * static_cast<py::ssize_t>(sizeof(T)) < kSmallBytes)
-    return CArray<T>(shape);
-  return new_array<T>(shape);
 }
 
 // A C-contiguous, aligned array of T (a copy when needed); TypeError when the input cannot
@@ -325,9 +318,9 @@ PreparedCall prepare_forward(const Layer& layer, const py::array& x_in,
     shared->column += L.output;
     return py::reinterpret_borrow<CArray<T>>(shared->array);
   }();
-  CArray<T> h_n = new_state_array<T>(h_shape);
+  CArray<T> h_n = new_array<T>(h_shape);
   std::optional<CArray<T>> c_n;
-  if (lstm) c_n = new_state_array<T>(c_shape);
+  if (lstm) c_n = new_array<T>(c_shape);
   std::shared_ptr<TrainingState<T>> state;
   if (training) state = std::make_shared<TrainingState<T>>();
   auto run = [packed_layer = layer.get<T>(), seq, reverse, x = x.data(), h0 = data_or_null(h0),
