@@ -725,6 +725,44 @@ def test_long_sequence_eval(isa, kind, dtype, rng):
         assert rel_err(evaluated[name], trained[name]) <= tol(dtype, "fwd"), name
 
 
+# (T, input, hidden) at batch 1, the streaming shapes: odd sizes, an input larger than the hidden
+# state, and a layer large enough to split its hidden units over two threads.
+BATCH_ONE_SHAPES = [(17, 20, 20), (40, 9, 33), (50, 200, 16), (33, 128, 128), (16, 8, 8)]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("kind", KINDS + ["gru"])
+@pytest.mark.parametrize("shape", BATCH_ONE_SHAPES, ids=lambda s: "T{}I{}H{}".format(*s))
+def test_batch_one_inference_matches_training_forward(
+    isa, shape, kind, dtype, threads, rng, restore_threads
+):
+    """Inference (no saved state, the reverse direction read in place) equals the training
+    forward in both directions, with h0 given and zero."""
+    T, IN, H = shape
+    fastrnn.set_num_threads(threads)
+    if kind == "gru":
+        layer = fastrnn.GRU(IN, H, bidirectional=True, dtype=dtype, seed=3)
+    else:
+        layer = make_layer(kind, IN, H, dtype, seed=3, bidirectional=True)
+    x = rng.standard_normal((T, 1, IN)).astype(dtype)
+    h0 = rng.standard_normal((2, 1, H)).astype(dtype)
+    for hx in (None, (h0, 0.5 * h0) if kind == "lstm" else h0):
+        trained = layer.train()(x, hx)
+        evaluated = layer.eval()(x, hx)
+        for name, got, want in zip(("out", "h_n"), evaluated, trained):
+            if isinstance(got, tuple):  # the LSTM's (h_n, c_n)
+                for part, g, w in zip(("h_n", "c_n"), got, want):
+                    assert_close(g, w, dtype, "fwd", part)
+            else:
+                assert_close(got, want, dtype, "fwd", name)
+    if kind != "gru":  # and the reference, for one direction
+        single = make_layer(kind, IN, H, dtype, seed=3).eval()
+        hx = make_hx(kind, rng, 1, H, dtype)
+        got = run_layer(single, kind, x, hx, backward=False)
+        compare(got, run_reference(kind, single.state_dict(), x, hx, backward=False), dtype)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_extreme_inputs_saturate(isa, kind, dtype, rng):
