@@ -49,7 +49,7 @@ void* allocate_aligned(std::size_t bytes) {
     if (!raw) throw std::bad_alloc();
     const auto address = (reinterpret_cast<std::uintptr_t>(raw) + 64) & ~std::uintptr_t{63};
     void* data = reinterpret_cast<void*>(address);
-    static_cast<void**>(data)[-1] = raw;  // in the 8 to 64 bytes before data
+    static_cast<void**>(data)[-1] = raw;  // malloc's 16-byte alignment leaves 16-64 bytes here
     return data;
   }
   Cache& c = cache();

@@ -900,9 +900,7 @@ class _CellBase(_Module):
             c = self._state(c, "c", state_shape)
         if not batched:
             x, h, c = x[None], None if h is None else h[None], None if c is None else c[None]
-        packed = self._packed.get("")
-        if packed is None or packed.isa != _core.active_isa():
-            packed = self._packed_unit("", self._cell)
+        packed = self._packed_unit("", self._cell)
         _, h_next, c_next, saved = _core.forward(packed, x[None], h, c, self.training)
         if saved is not None:
             self._tape.append((saved, batched, x.shape[0]))
