@@ -44,8 +44,11 @@ def test_bench_prints_a_table_and_saves_json(tmp_path):
     assert "vs reference" in result.stdout
     saved = json.loads(path.read_text())
     assert saved["threads"] == 1
-    assert [r["mode"] for r in saved["results"]] == ["inference", "training"]
-    for row in saved["results"]:
+    limit, *rows = saved["results"]  # the FMA units' limit, measured first
+    assert limit["fma"] and limit["seconds"]["fastrnn"] > 0
+    assert "FMA units in this run:" in result.stdout
+    assert [r["mode"] for r in rows] == ["inference", "training"]
+    for row in rows:
         assert set(row["seconds"]) == {"fastrnn", "reference"}
         assert all(seconds > 0 for seconds in row["seconds"].values())
 
@@ -56,27 +59,23 @@ def test_bench_rejects_bad_threads():
     assert "--threads" in result.stderr
 
 
-def test_table_reports_the_share_of_sgemm():
+def test_table_reports_the_shares_of_the_limits():
     from fastrnn import bench
 
+    def row(case, flops, seconds, **flags):
+        return {"case": case, "mode": "inference", "flops": flops, "seconds": seconds, **flags}
+
     results = [
-        {
-            "case": bench.SGEMM.name,
-            "mode": "inference",
-            "flops": 2e9,
-            "sgemm": True,
-            "seconds": {"torch": 0.01},
-            "errors": {},
-        },
-        {
-            "case": "LSTM T1 B1 H8",
-            "mode": "inference",
-            "flops": 1e9,
-            "seconds": {"fastrnn": 0.01, "torch": 0.02},
-            "errors": {},
-        },
+        row(bench.FMA_LIMIT.name, 4e9, {"fastrnn": 0.01}, fma=True),
+        row(bench.SGEMM.name, 2e9, {"torch": 0.01}, sgemm=True),
+        row("LSTM T1 B1 H8", 1e9, {"fastrnn": 0.01, "torch": 0.02}),
     ]
     table = bench.format_table(results, threads=2)
     assert "SGEMM in this run: 200.0 GFLOP/s" in table
-    assert "| LSTM T1 B1 H8 | inference | 10.000 ms | 100.0 (50%) | 20.000 ms | 2.00x |" in table
-    assert "SGEMM 2048^3" not in table.split("\n", 2)[2]  # the limit is a note, not a row
+    assert "FMA units in this run: 400.0 GFLOP/s" in table
+    assert "| case | mode | fastrnn | GFLOP/s | of FMA | torch | vs torch |" in table
+    assert (
+        "| LSTM T1 B1 H8 | inference | 10.000 ms | 100.0 (50%) | 25% | 20.000 ms | 2.00x |" in table
+    )
+    rows = table.split("| case |", 1)[1]
+    assert bench.SGEMM.name not in rows and bench.FMA_LIMIT.name not in rows  # notes, not rows

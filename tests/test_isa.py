@@ -102,3 +102,21 @@ def test_set_isa_changes_results_only_within_tolerance():
         fastrnn._core._set_isa(previous)
     for name, out in outs.items():
         np.testing.assert_allclose(out, outs["scalar"], rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fma_limit_hook_does_the_operations_asked(isa, dtype, threads, restore_threads):
+    """The benchmarks' FMA limit: whole rounds of register FMAs, so a little under `flops`."""
+    fastrnn.set_num_threads(threads)
+    done = fastrnn._core._fma_limit(1e6, dtype)
+    assert 0.9e6 < done <= 1e6
+
+
+@pytest.mark.parametrize(
+    ("flops", "dtype", "message"),
+    [(0, "float32", "flops"), (float("nan"), "float32", "flops"), (1e6, "int8", "dtype")],
+)
+def test_fma_limit_hook_rejects_bad_arguments(flops, dtype, message):
+    with pytest.raises(ValueError, match=message):
+        fastrnn._core._fma_limit(flops, dtype)

@@ -476,15 +476,18 @@ py::list backward_each(const py::list& calls) {
 }
 
 template <class T>
+const KernelTable<T>& active_kernels() {
+  if constexpr (std::is_same_v<T, float>)
+    return active_isa().f32;
+  else
+    return active_isa().f64;
+}
+
+template <class T>
 py::array activation_typed(Activation kind, const py::array& x_in) {
   CArray<T> x = as_array<T>(x_in, "x");
   CArray<T> y(x.size());
-  const KernelTable<T>& k = []() -> const KernelTable<T>& {
-    if constexpr (std::is_same_v<T, float>)
-      return active_isa().f32;
-    else
-      return active_isa().f64;
-  }();
+  const KernelTable<T>& k = active_kernels<T>();
   py::gil_scoped_release release;
   FlushDenormalsScope flush_denormals;
   k.activation(kind, x.data(), y.mutable_data(), static_cast<long>(x.size()));
@@ -505,6 +508,30 @@ py::array activation(const std::string& name, const py::array& x) {
   if (has_dtype<float>(x)) return activation_typed<float>(kind, x);
   if (has_dtype<double>(x)) return activation_typed<double>(kind, x);
   throw py::type_error("x must be float32 or float64");
+}
+
+// About `flops` operations of register FMAs, shared by the pool's threads all at once: the FMA
+// units' limit, which the benchmarks compare the layers with. Returns the operations done.
+template <class T>
+double fma_limit_run(double flops) {
+  const KernelTable<T>& k = active_kernels<T>();
+  const int threads = ThreadPool::global().threads();
+  const double per_round = 2.0 * k.fma_chains * k.lanes;
+  const long rounds = static_cast<long>(flops / (per_round * threads));
+  std::vector<T> sums(static_cast<std::size_t>(threads));
+  py::gil_scoped_release release;
+  ThreadPool::global().run(threads, [&](const ThreadContext& ctx) {
+    sums[static_cast<std::size_t>(ctx.index)] = k.fma_loop(rounds);
+  });
+  return static_cast<double>(rounds) * per_round * threads;
+}
+
+double fma_limit(double flops, const std::string& dtype) {
+  if (!(flops >= 1 && flops <= 1e15))
+    throw py::value_error("flops must be between 1 and 1e15, got " + std::to_string(flops));
+  if (dtype == "float32") return fma_limit_run<float>(flops);
+  if (dtype == "float64") return fma_limit_run<double>(flops);
+  throw py::value_error("dtype must be 'float32' or 'float64', got '" + dtype + "'");
 }
 
 }  // namespace
@@ -563,6 +590,9 @@ PYBIND11_MODULE(_core, m) {
   m.def(
       "_openmp_library", [] { return ThreadPool::global().openmp_library(); },
       "The OpenMP runtime parallel regions run on, or \"\" for fastrnn's own workers.");
+  m.def("_fma_limit", &fma_limit, py::arg("flops"), py::arg("dtype") = "float32",
+        "Benchmark hook: about `flops` operations of independent FMAs on registers, on all the "
+        "threads at once (the FMA units' limit); returns the operations done.");
   m.def("activation", &activation, py::arg("name"), py::arg("x"),
         "Testing hook: the active ISA's vectorized activation applied to a 1-D array.");
 

@@ -30,7 +30,7 @@ class Case:
     # "lstm", "gru", "rnn_relu", "rnn_tanh", "lstm_cell" (one streaming step of fastrnn.LSTMCell
     # against torch.nn.LSTMCell: each call takes the state the previous call returned),
     # "torch_step" (a torch training step with fastrnn.torch.LSTM against torch.nn.LSTM), or
-    # "sgemm" (the limit)
+    # a limit of the machine: "sgemm" (torch.mm) or "fma" (the FMA units)
     cell: str
     steps: int
     batch: int
@@ -44,6 +44,8 @@ class Case:
     def name(self) -> str:
         if self.cell == "sgemm":
             return f"SGEMM {self.hidden}^3 (torch.mm)"
+        if self.cell == "fma":
+            return "FMA units (register FMAs)"
         if self.cell == "lstm_cell":
             return f"LSTMCell step B{self.batch} H{self.hidden}"
         if self.cell == "torch_step":
@@ -75,6 +77,8 @@ class Case:
         """Multiply-adds x 2 of the rows that run; training counts forward + backward as 3x."""
         if self.cell == "sgemm":
             return 2.0 * self.hidden**3
+        if self.cell == "fma":
+            return FMA_LIMIT_FLOPS
         lengths = self.sequence_lengths()
         rows = self.steps * self.batch if lengths is None else int(lengths.sum())
         directions = 2 if self.bidirectional else 1
@@ -107,13 +111,18 @@ CASES = (
     Case("torch_step", 100, 1, 128),
     Case("torch_step", 25, 4, 512),
 )
-# The hardware limit measured in the same run: torch's SGEMM (MKL / oneDNN) at the same threads.
+# The limits measured in the same run, at the same threads: torch's SGEMM (MKL / oneDNN), and the
+# FMA units themselves (fastrnn._core._fma_limit: independent FMAs on registers, no memory).
 SGEMM = Case("sgemm", 1, 1, 2048)
+FMA_LIMIT = Case("fma", 1, 1, 0)
+FMA_LIMIT_FLOPS = 2.0**31  # about 10 ms on two Zen 4 cores
 
 
 def supported(library: str, case: Case, mode: str) -> bool:
     if case.cell == "sgemm":
         return library == "torch" and mode == "inference"
+    if case.cell == "fma":
+        return library == "fastrnn" and mode == "inference"
     if case.cell == "torch_step":
         return library in ("fastrnn", "torch") and mode == "training"
     if library == "onnxruntime":  # inference only; its LSTM and GRU operators, plain layers
@@ -155,6 +164,8 @@ def fastrnn_runner(case: Case, mode: str, threads: int) -> Callable[[], Any]:
     import fastrnn
 
     fastrnn.set_num_threads(threads)
+    if case.cell == "fma":
+        return lambda: fastrnn._core._fma_limit(FMA_LIMIT_FLOPS)
     if case.cell == "torch_step":
         return _torch_step_runner(case, threads, fastrnn_layer=True)
     x, grad = _inputs(case, np.random.default_rng(0))
@@ -475,6 +486,8 @@ def run_benchmarks(
         ]
         if "torch" in workers:
             jobs.insert(0, (SGEMM, "inference"))
+        if "fastrnn" in workers:
+            jobs.insert(0, (FMA_LIMIT, "inference"))
         for index, (case, mode) in enumerate(jobs):
             samples: dict[str, list[float]] = {}
             errors: dict[str, str] = {}
@@ -494,8 +507,8 @@ def run_benchmarks(
                     else:
                         samples.setdefault(lib, []).extend(answer["samples"])
             row: dict[str, Any] = {"case": case.name, "mode": mode, "flops": case.flops(mode)}
-            if case.cell == "sgemm":
-                row["sgemm"] = True
+            if case.cell in ("sgemm", "fma"):
+                row[case.cell] = True  # a limit: a note above the table, not a row
             row["seconds"] = {lib: float(np.median(s)) for lib, s in samples.items()}
             row["errors"] = errors
             results.append(row)
@@ -505,13 +518,23 @@ def run_benchmarks(
     return results
 
 
+def _limit_gflops(results: list[dict[str, Any]], limit: str, library: str) -> float | None:
+    rows = [r for r in results if r.get(limit) and library in r["seconds"]]
+    return rows[0]["flops"] / rows[0]["seconds"][library] / 1e9 if rows else None
+
+
+def _without_limits(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in results if not (r.get("sgemm") or r.get("fma"))]
+
+
 def format_table(results: list[dict[str, Any]], threads: int) -> str:
     """A Markdown table: median times, fastrnn's GFLOP/s and its speed-up over each peer."""
-    sgemm = [r for r in results if r.get("sgemm") and "torch" in r["seconds"]]
-    sgemm_gflops = sgemm[0]["flops"] / sgemm[0]["seconds"]["torch"] / 1e9 if sgemm else None
-    results = [r for r in results if not r.get("sgemm")]
+    sgemm_gflops = _limit_gflops(results, "sgemm", "torch")
+    fma_gflops = _limit_gflops(results, "fma", "fastrnn")
+    results = _without_limits(results)
     peers = [lib for lib in LIBRARIES[1:] if any(lib in r["seconds"] for r in results)]
-    head = ["case", "mode", "fastrnn", "GFLOP/s", *peers, *(f"vs {p}" for p in peers)]
+    head = ["case", "mode", "fastrnn", "GFLOP/s", *(["of FMA"] if fma_gflops else [])]
+    head += [*peers, *(f"vs {p}" for p in peers)]
     lines = [
         f"threads: {threads}; medians; 'vs X' = X's time / fastrnn's time (higher: fastrnn faster)",
         "| " + " | ".join(head) + " |",
@@ -523,20 +546,30 @@ def format_table(results: list[dict[str, Any]], threads: int) -> str:
             return "-"
         return f"{seconds * 1e3:.3f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
+    notes = []
     if sgemm_gflops:
-        lines.insert(
-            1,
+        notes.append(
             f"SGEMM in this run: {sgemm_gflops:.1f} GFLOP/s (torch.mm 2048^3); GFLOP/s column: "
-            "fastrnn's, with its % of SGEMM",
+            "fastrnn's, with its % of SGEMM"
         )
+    if fma_gflops:
+        notes.append(
+            f"FMA units in this run: {fma_gflops:.1f} GFLOP/s (independent FMAs on registers, "
+            "every thread at once); 'of FMA' column: fastrnn's GFLOP/s as a % of that limit"
+        )
+    lines[1:1] = notes
     for r in results:
         s = r["seconds"]
         mine = s.get("fastrnn")
         gflops = f"{r['flops'] / mine / 1e9:.1f}" if mine else "-"
         if mine and sgemm_gflops:
             gflops += f" ({100 * r['flops'] / mine / 1e9 / sgemm_gflops:.0f}%)"
+        share = []
+        if fma_gflops:
+            share = [f"{100 * r['flops'] / mine / 1e9 / fma_gflops:.0f}%" if mine else "-"]
         ratios = [f"{s[p] / mine:.2f}x" if mine and p in s else "-" for p in peers]
-        cells = [r["case"], r["mode"], fmt(mine), gflops, *(fmt(s.get(p)) for p in peers), *ratios]
+        cells = [r["case"], r["mode"], fmt(mine), gflops, *share]
+        cells += [*(fmt(s.get(p)) for p in peers), *ratios]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -548,7 +581,7 @@ def plot(results: list[dict[str, Any]], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    results = [r for r in results if not r.get("sgemm")]
+    results = _without_limits(results)
     peers = [lib for lib in LIBRARIES[1:] if any(lib in r["seconds"] for r in results)]
     labels = [f"{r['case']}\n{r['mode']}" for r in results]
     fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(results)), 5))
