@@ -12,9 +12,10 @@ import pytest
 
 from fastrnn import bench as cases
 
+# The machine's limits (the FMA units, torch's SGEMM) first, each in a group of its own.
 PARAMS = [
     pytest.param(case, mode, library, id=f"{case.name.replace(' ', '-')}-{mode}-{library}")
-    for case in cases.CASES
+    for case in (cases.FMA_LIMIT, cases.SGEMM, *cases.CASES)
     for mode in cases.MODES
     for library in cases.LIBRARIES
     if cases.supported(library, case, mode)
