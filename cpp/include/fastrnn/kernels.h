@@ -146,7 +146,7 @@ struct KernelTable {
   void (*step_backward)(const StepBackwardArgs<T>&);
   void (*activation)(Activation, const T* in, T* out, long n);
   // The FMA units' limit, for the benchmarks: `iterations` rounds of fma_chains independent
-  // vector FMAs on registers. Returns a sum of the results, so that none is optimised away.
+  // vector FMAs on registers. Returns a lane of their sum, so that none is optimised away.
   int fma_chains;
   T (*fma_loop)(long iterations);
 };
