@@ -457,8 +457,8 @@ def test_eval_forward_matches_reference(kind, dtype, rng):
 # (T, B, input, hidden): the GEMM's blocks of K (input 1100; 1200 rows for the weight gradients)
 # and of rows (200 rows, 10 panels), the step's row blocks prefetching the next panel (batch 64),
 # and W_hh past a core's L2 (4 MiB at hidden 520): a thread's share of half its L2 or more runs
-# its panels in alternating order step by step (batch 2), and it is split by hidden units at
-# batch 64 on two threads and by batch at 130.
+# its panels in alternating order step by step (batch 2; so does one of 128 KiB or less), and it
+# is split by hidden units at batch 64 on two threads and by batch at 130.
 LARGE_SHAPES = [
     (4, 2, 7, 520),
     (3, 2, 1100, 40),

@@ -37,6 +37,9 @@ constexpr long kParallelCallWork = 1L << 17;
 // W_hh from L3 every step; split by hidden units, only its share, for twice the rows (LSTM
 // H=1024: 12% faster by hidden units at B=64, even at B=128; H=512: 4% at B=64).
 constexpr long kBatchSplitRows = 32;
+// Up to this much of W_hh a thread, a step's last panels are still in L1 (32-48 KiB) when the next
+// step starts on them.
+constexpr long kL1Reuse = 128 << 10;
 
 template <class T>
 void copy_rows(T* dst, long dst_stride, const T* src, long src_stride, long rows, long cols) {
@@ -283,14 +286,16 @@ void forward(const std::shared_ptr<const PackedLayer<T>>& layer, const Sequences
       if (projected) ctx.split(panel_count(p.w_hr_panels), 1, proj0, proj1);
     }
 
-    // A thread's W_hh from half its L2 up is streamed from L3 each step in a fixed order, once
-    // the gate buffer and the states share the L2 with it; alternating the order keeps part of it
-    // in L2 (LSTM H=512, B=4, 2 MiB L2: 3-5% a call; H=256, B=1, 1 MiB L2: 3%). A smaller one
-    // stays in L2 either way, and the fixed order lets the prefetchers run on from one panel into
-    // the next (GRU H=256, 2 MiB L2: 2% slower alternating).
+    // Every other step runs the thread's panels last to first, so that it starts on the panels
+    // the previous step used last: still in L2 when the thread's W_hh is about as large as its L2
+    // (LSTM H=256 at B=1 on a 1 MiB L2: 3% faster a call; H=512 at B=4 on a 2 MiB L2: 3-5%), and
+    // in L1 when it is a few times L1 (B=1, 32 KiB L1: LSTM H=64, 7-11%; H=96, 3%; H=128, 1-3%;
+    // GRU H=64, 10%; RNN H=256, 6%). In between, the whole of it stays in L2 either way, and the
+    // fixed order lets the prefetchers run on from one panel into the next (GRU H=256 at B=1,
+    // 384 KiB a thread: 0.5-2% slower alternating).
     const long w_hh_bytes =
         (panel1 - panel0) * L.gates * L.panel_hidden * L.output * static_cast<long>(sizeof(T));
-    const bool alternate_order = 2 * w_hh_bytes >= l2_cache_bytes();
+    const bool alternate_order = 2 * w_hh_bytes >= l2_cache_bytes() || w_hh_bytes <= kL1Reuse;
     StepForwardArgs<T> step{};
     step.layout = &L;
     step.w_hh = p.w_hh.data();

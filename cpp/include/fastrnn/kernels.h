@@ -95,9 +95,9 @@ struct StepForwardArgs {
   const T* bias_hn;
   T* hidden_gate;
   long panel_begin, panel_end;
-  // Runs the panels last to first. When a thread's part of W_hh is about as large as its L2, the
-  // driver alternates the order every step, so that a step starts on the panels the previous one
-  // used last: those are still in L2.
+  // Runs the panels last to first. When a thread's part of W_hh is about as large as its L2, or a
+  // few times its L1, the driver alternates the order every step, so that a step starts on the
+  // panels the previous one used last: those are still in L2 or L1.
   bool descending;
   // The recurrent product can run in two calls, so that a thread multiplies the units of h_prev
   // it computed itself while the other threads finish theirs: `own_units` multiplies units
