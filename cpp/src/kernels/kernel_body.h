@@ -494,16 +494,15 @@ struct RnnForwardEpilogue {
 // (AVX-512, H=256, the steps alone on one thread: LSTM B=8 as 4 + 4 rows instead of 6 + 2, 7.6%
 // faster; B=13 as 5 + 4 + 4, 7.6%; B=20, 5.3%; GRU B=8, 18%. An LSTM at B=16 with lengths
 // between T/2 and T, whose batch shrinks step by step: 17% a call in inference).
-// even_row_blocks: the number of blocks when they are of near-equal size, else 0.
 template <int MR>
-FASTRNN_INLINE long even_row_blocks(long batch) {
+FASTRNN_INLINE bool even_row_blocks(long batch) {
   const long tail = batch % MR;
-  return tail != 0 && 2 * tail < MR ? (batch + MR - 1) / MR : 0;
+  return tail != 0 && 2 * tail < MR;
 }
+// The rows of block `block` of `blocks` (batch / MR rounded up), which starts at row0.
 template <int MR>
-FASTRNN_INLINE long row_block_size(long batch, long row0, long block, long even_blocks) {
-  if (even_blocks == 0) return min_long(MR, batch - row0);
-  return batch / even_blocks + (block < batch % even_blocks);
+FASTRNN_INLINE long row_block_size(long batch, long row0, long block, long blocks, bool even) {
+  return even ? batch / blocks + (block < batch % blocks) : min_long(MR, batch - row0);
 }
 
 // Panel i of [first, last) in the order a step runs them (see StepForwardArgs::descending).
@@ -588,14 +587,14 @@ void run_step_forward(const StepForwardArgs<typename V::value_type>& args) {
   const auto in_order = [&](long i) {
     return panel_in_order(args.descending, args.panel_begin, args.panel_end, i);
   };
-  const long row_blocks_even = even_row_blocks<MR>(args.batch);
+  const bool even_blocks = even_row_blocks<MR>(args.batch);
   for (long i = args.panel_begin; i < args.panel_end; ++i) {
     const long p = in_order(i);
     const T* next_panel =
         i + 1 < args.panel_end ? args.w_hh + in_order(i + 1) * panel_size : nullptr;
     long row0 = 0;
     for (long block = 0; block < row_blocks; ++block) {
-      const long rows = row_block_size<MR>(args.batch, row0, block, row_blocks_even);
+      const long rows = row_block_size<MR>(args.batch, row0, block, row_blocks, even_blocks);
       const Prefetch<T> prefetch =
           next_panel ? prefetch_share(next_panel, panel_bytes, block, row_blocks) : Prefetch<T>{};
       with_rows<MR>(rows,
@@ -699,7 +698,7 @@ void run_step_backward(const StepBackwardArgs<typename V::value_type>& s,
   const long next_batch = min_long(s.next_batch, s.batch);
   // Several row blocks prefetch the next panel in shares (see Prefetch).
   const long row_blocks = (next_batch + MR - 1) / MR;
-  const long row_blocks_even = even_row_blocks<MR>(next_batch);
+  const bool even_blocks = even_row_blocks<MR>(next_batch);
   for (long col0 = s.col_begin; col0 < s.col_end; col0 += w.panel_width) {
     const long width = min_long(w.panel_width, w.cols - col0);
     const T* panel = w.data + (col0 / w.panel_width) * w.rows * w.panel_width;
@@ -710,8 +709,9 @@ void run_step_backward(const StepBackwardArgs<typename V::value_type>& s,
     // here and take dL/dh_n instead. Row blocks never straddle the two.
     for (long row0 = 0, block = 0; row0 < s.batch; ++block) {
       const bool continues = row0 < next_batch;
-      const long rows = continues ? row_block_size<MR>(next_batch, row0, block, row_blocks_even)
-                                  : min_long(MR, s.batch - row0);
+      const long rows = continues
+                            ? row_block_size<MR>(next_batch, row0, block, row_blocks, even_blocks)
+                            : min_long(MR, s.batch - row0);
       with_rows<MR>(rows, [&]<int R>() {
         with_vectors(width / W, [&]<int NV>() {
           V acc[R][NV];
