@@ -37,6 +37,17 @@ constexpr long kParallelCallWork = 1L << 17;
 // W_hh from L3 every step; split by hidden units, only its share, for twice the rows (LSTM
 // H=1024: 12% faster by hidden units at B=64, even at B=128; H=512: 4% at B=64).
 constexpr long kBatchSplitRows = 32;
+// Up to this many multiply-adds of the recurrent product a thread and step, a hidden-split step
+// runs in two calls, the thread's own units of h_{t-1} first, so that the wait for the other
+// threads' units overlaps with half of the product. Longer steps run whole and meet at a barrier:
+// the two calls run each panel in two halves at different times, so a step never starts on the
+// panels the previous one left in cache, and each half starts the prefetchers afresh. In-process
+// A/B at two threads, 9-21 interleaved rounds, medians: two calls faster at B=1 for LSTM H=96
+// (18K a thread, 10%), H=160 (4%), RNN H=256 (6%), even at LSTM H=128 (32K); whole steps faster
+// for GRU H=256 at B=1 (98K, 4-13%), LSTM H=256 (131K, 1-2%), H=512 (7%), H=1024 (11%), LSTM
+// H=128 at B=4 (12%), LSTM H=512 at B=4 (5%), LSTM H=256 at B=8 (4%) and B=16 (5%), LSTM and GRU
+// H=512 at B=16 (2%).
+constexpr long kProgressStepWork = 1L << 16;
 // Up to this much of W_hh a thread, a step's last panels are still in L1 (32-48 KiB) when the next
 // step starts on them.
 constexpr long kL1Reuse = 128 << 10;
@@ -270,8 +281,10 @@ void forward(const std::shared_ptr<const PackedLayer<T>>& layer, const Sequences
   const int threads = threads_for(steps, batch * step_multiply_adds(L), 1);
   const bool batch_split = split_by_batch(p, batch, threads);
   // Hidden split without a projection: a step needs the other threads' part of h_{t-1} only for
-  // half of its product, so each thread waits for exactly that (StepProgress), not at a barrier.
-  const bool split_steps = !batch_split && !projected && threads > 1;
+  // half of its product, so each thread can wait for exactly that (StepProgress), not at a
+  // barrier. That pays only for short steps (see kProgressStepWork).
+  const bool split_steps =
+      !batch_split && !projected && threads > 1 && batch * G * P <= kProgressStepWork * threads;
   AlignedBuffer<T> partial_sums(static_cast<std::size_t>(split_steps ? batch * G : 0));
   AlignedBuffer<T> gemm_blocks(static_cast<std::size_t>(threads * k.gemm_block_elements));
   StepProgress progress(split_steps ? threads : 0);
