@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -95,6 +96,23 @@ def test_cell_backward_does_not_depend_on_thread_count(isa, kind, restore_thread
         assert_close(dx, results[0][0], np.float32, "grad", "dx")
         for name, grad in grads.items():
             assert_close(grad, results[0][1][name], np.float32, "grad", name)
+
+
+@pytest.mark.parametrize("steps", [1, 400], ids=["short", "long"])
+def test_calls_after_the_workers_sleep(steps, restore_threads):
+    # Idle workers sleep after about 2 ms. A short call then runs on the calling thread and wakes
+    # them for the next call; a long one wakes them and waits. Either way: the same results.
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((steps, 1, 128)).astype(np.float32)
+    fastrnn.set_num_threads(1)
+    layer = fastrnn.LSTM(128, 128, seed=7).eval()
+    expected, _ = layer(x)
+    fastrnn.set_num_threads(2)
+    for _ in range(3):
+        time.sleep(0.01)
+        for _ in range(3):  # the first after the pause, then with the workers awake
+            out, _ = layer(x)
+            assert_close(out, expected, np.float32, "fwd", "out")
 
 
 def test_set_num_threads_rejects_bad_values(restore_threads):

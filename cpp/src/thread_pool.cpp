@@ -241,11 +241,29 @@ void ThreadPool::publish_job() {
   }
 }
 
+bool ThreadPool::wake() {
+  if (openmp_.load()) return true;  // the runtime's team: its own business
+  std::unique_lock<std::mutex> lock(region_mutex_, std::try_to_lock);
+  if (!lock.owns_lock() || inside_region) return false;  // a call runs alone anyway
+  if (static_cast<int>(workers_.size()) != threads_.load() - 1) {
+    stop_workers();
+    start_workers(threads_.load() - 1);
+    return false;
+  }
+  if (parked_.load() == 0) return true;
+  {
+    std::lock_guard<std::mutex> park_lock(park_mutex_);
+    wake_sequence_.fetch_add(1);
+  }
+  park_cv_.notify_all();
+  return false;
+}
+
 void ThreadPool::worker_loop(int index, std::uint64_t seen) {
   inside_region = true;  // a worker never starts a nested parallel region
   while (true) {
     std::uint64_t sequence = job_sequence_.load(std::memory_order_acquire);
-    const auto idle_since = std::chrono::steady_clock::now();
+    auto idle_since = std::chrono::steady_clock::now();
     bool yielding = false;
     for (unsigned spins = 0; sequence == seen; ++spins) {  // unsigned: wraps, never overflows
       if (yielding)
@@ -264,9 +282,13 @@ void ThreadPool::worker_loop(int index, std::uint64_t seen) {
         parked_.fetch_add(1);
         {
           std::unique_lock<std::mutex> lock(park_mutex_);
-          park_cv_.wait(lock, [&] { return job_sequence_.load() != seen; });
+          const std::uint64_t woken = wake_sequence_.load();
+          park_cv_.wait(
+              lock, [&] { return job_sequence_.load() != seen || wake_sequence_.load() != woken; });
         }
         parked_.fetch_sub(1);
+        idle_since = std::chrono::steady_clock::now();  // woken without a job: spin again
+        yielding = false;
       }
       sequence = job_sequence_.load(std::memory_order_acquire);
     }

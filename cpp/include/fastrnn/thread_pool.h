@@ -89,6 +89,11 @@ class ThreadPool {
     run_job(threads, &invoke<std::remove_reference_t<Body>>, &body);
   }
 
+  // Whether the workers are awake, ready to start a job at once. Workers that sleep are woken
+  // (or started) without waiting for them: a short call runs alone rather than wait for a wake-up
+  // (see driver.cpp, kWakeCallWork), and the next finds them spinning.
+  bool wake();
+
   // Runs task(i) for every i in [0, count), spread over up to `threads` threads. Unlike a region's
   // body, a task may throw (say, bad_alloc): once all tasks are done, the exception of the first
   // one that failed is rethrown here.
@@ -144,6 +149,7 @@ class ThreadPool {
   std::mutex park_mutex_;
   std::condition_variable park_cv_;
   std::atomic<int> parked_{0};
+  std::atomic<std::uint64_t> wake_sequence_{0};  // bumped by wake(): parked workers spin again
 };
 
 }  // namespace fastrnn
