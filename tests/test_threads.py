@@ -98,21 +98,27 @@ def test_cell_backward_does_not_depend_on_thread_count(isa, kind, restore_thread
             assert_close(grad, results[0][1][name], np.float32, "grad", name)
 
 
+@pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("steps", [1, 400], ids=["short", "long"])
-def test_calls_after_the_workers_sleep(steps, restore_threads):
-    # Idle workers sleep after about 2 ms. A short call then runs on the calling thread and wakes
-    # them for the next call; a long one wakes them and waits. Either way: the same results.
+def test_calls_after_the_workers_sleep(steps, bidirectional, restore_threads):
+    # Idle workers sleep after about 2 ms. A short call then runs on the calling thread (the two
+    # directions one after the other) and wakes them for the next call; a long one wakes them and
+    # waits. Either way: the same results, forward and backward.
     rng = np.random.default_rng(6)
     x = rng.standard_normal((steps, 1, 128)).astype(np.float32)
+    grad_out = rng.standard_normal((steps, 1, 256 if bidirectional else 128)).astype(np.float32)
     fastrnn.set_num_threads(1)
-    layer = fastrnn.LSTM(128, 128, seed=7).eval()
-    expected, _ = layer(x)
+    layer = fastrnn.LSTM(128, 128, bidirectional=bidirectional, seed=7)
+    expected = _train_step(layer, x, grad_out)
     fastrnn.set_num_threads(2)
     for _ in range(3):
         time.sleep(0.01)
         for _ in range(3):  # the first after the pause, then with the workers awake
-            out, _ = layer(x)
-            assert_close(out, expected, np.float32, "fwd", "out")
+            layer.zero_grad()
+            out, grads = _train_step(layer, x, grad_out)
+            assert_close(out, expected[0], np.float32, "fwd", "out")
+            for name, grad in grads.items():
+                assert_close(grad, expected[1][name], np.float32, "grad", name)
 
 
 def test_set_num_threads_rejects_bad_values(restore_threads):

@@ -260,6 +260,7 @@ struct PreparedCall {
   std::function<void()> run;
   std::function<py::object()> result;
   bool* consumes = nullptr;  // a backward's state flag: set once every call is checked
+  long work = 0;             // multiply-adds, about
 };
 
 // Runs the calls, several at once when the pool has the threads: each on one thread, so a
@@ -273,8 +274,11 @@ void run_calls(std::vector<PreparedCall>& calls) {
   for (PreparedCall& call : calls)
     if (call.consumes) *call.consumes = true;  // backward overwrites the saved gates
   py::gil_scoped_release release;
-  if (calls.size() == 1) {
-    calls[0].run();
+  long work = 0;
+  for (const PreparedCall& call : calls) work += call.work;
+  // Short calls do not wait for workers that sleep (kShortCallWork): one after the other here.
+  if (calls.size() == 1 || (work < kShortCallWork && !ThreadPool::global().wake())) {
+    for (PreparedCall& call : calls) call.run();
     return;
   }
   const int count = static_cast<int>(calls.size());
@@ -342,7 +346,8 @@ PreparedCall prepare_forward(const Layer& layer, const py::array& x_in,
     }
     return py::make_tuple(out, h_n, c_n ? py::object(*c_n) : py::none(), saved);
   };
-  return {run, result};
+  const long work = seq->rows() * L.gate_stride * (L.input + L.output);
+  return {run, result, nullptr, work};
 }
 
 PreparedCall prepare_forward_any(const Layer& layer, const py::array& x,
@@ -409,7 +414,7 @@ PreparedCall prepare_backward(const std::shared_ptr<TrainingState<T>>& state, bo
     return py::make_tuple(grad_x ? py::object(*grad_x) : py::none(), grad_h0,
                           grad_c0 ? py::object(*grad_c0) : py::none());
   };
-  return {run, result, &consumed};
+  return {run, result, &consumed, 3 * seq.rows() * L.gate_stride * (L.input + L.output)};
 }
 
 PreparedCall prepare_backward_any(State& state, const BackwardArgs& args) {

@@ -32,13 +32,6 @@ constexpr long kInferenceGateElements = 1L << 20;
 // 6.5 us (GRU H=160: 10.1 to 6.6 us); at 2^16 an LSTM cell at H=96 got slower (4.8 to 8.6 us).
 constexpr long kParallelStepWork = 1L << 16;
 constexpr long kParallelCallWork = 1L << 17;
-// Below this many multiply-adds in all (about 0.3 ms on one core), a call does not wait for
-// workers that sleep (after 2 ms idle): it runs on the calling thread and wakes them for the next
-// call. On this project's VM a woken worker started on the caller's own core in 35 of 80 jobs
-// (sched_getcpu), where it waited for the caller's spin (up to 0.4 ms) to yield: an LSTMCell step
-// at H=128, 20 ms after the previous one, took 610-650 us on two threads, 110-130 us on one, and
-// 110-150 us on two threads this way.
-constexpr long kWakeCallWork = 1L << 24;
 // Rows per thread from which the batch split wins (no barrier, the micro-kernel's rows full),
 // twice as many when W_hh is larger than a core's L2: split by batch, each thread streams all of
 // W_hh from L3 every step; split by hidden units, only its share, for twice the rows (LSTM
@@ -138,7 +131,7 @@ int threads_for(long steps, long step_work, long passes) {
   const long work = passes * steps * step_work;
   if (step_work < kParallelStepWork || work < kParallelCallWork) return 1;
   ThreadPool& pool = ThreadPool::global();
-  if (work < kWakeCallWork && !pool.wake()) return 1;
+  if (work < kShortCallWork && !pool.wake()) return 1;
   return pool.threads();
 }
 
