@@ -879,12 +879,7 @@ class _CellBase(_Module):
         return array
 
     def _step(self, x: Any, h: Any, c: Any) -> tuple[np.ndarray, np.ndarray | None]:
-        # A streaming step costs a few microseconds, a third of them in Python: arrays that are
-        # already right (NumPy's dtype singletons make `is` exact) pass with inline checks, and
-        # only the others take the converting calls (0.4-0.6 us a step less than always calling).
-        dtype = self.dtype
-        if type(x) is not np.ndarray or x.dtype is not dtype:
-            x = _as_array(x, "input", dtype)
+        x = _as_array(x, "input", self.dtype)
         shape = x.shape
         batched = len(shape) == 2
         if not (batched or len(shape) == 1) or shape[-1] != self.input_size:
@@ -893,22 +888,13 @@ class _CellBase(_Module):
                 f"unbatched, got {_shape(shape)}"
             )
         state_shape = (shape[0], self.hidden_size) if batched else (self.hidden_size,)
-        if h is not None and not (
-            type(h) is np.ndarray and h.dtype is dtype and h.shape == state_shape
-        ):
-            h = self._state(h, "h", state_shape)
-        if self._gates != 4:
-            c = None
-        elif c is not None and not (
-            type(c) is np.ndarray and c.dtype is dtype and c.shape == state_shape
-        ):
-            c = self._state(c, "c", state_shape)
+        h = self._state(h, "h", state_shape)
+        c = self._state(c, "c", state_shape) if self._gates == 4 else None
         if not batched:
             x, h, c = x[None], None if h is None else h[None], None if c is None else c[None]
-        packed = self._packed.get("")
-        if packed is None or packed.isa != _core.active_isa():
-            packed = self._packed_unit("", self._cell)
-        _, h_next, c_next, saved = _core.forward(packed, x[None], h, c, self.training)
+        _, h_next, c_next, saved = _core.forward(
+            self._packed_unit("", self._cell), x[None], h, c, self.training
+        )
         if saved is not None:
             self._tape.append((saved, batched, x.shape[0]))
         if not batched:
@@ -969,10 +955,7 @@ class LSTMCell(_CellBase):
         return self.forward(x, hx)
 
     def forward(self, x: Any, hx: tuple[Any, Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        if type(hx) is tuple and len(hx) == 2:  # the streaming call: no _state_pair call
-            h, c = hx
-        else:
-            h, c = _state_pair(hx, "hx", "(h, c)")
+        h, c = _state_pair(hx, "hx", "(h, c)")
         h_next, c_next = self._step(x, h, c)
         assert c_next is not None
         return h_next, c_next
