@@ -346,8 +346,7 @@ PreparedCall prepare_forward(const Layer& layer, const py::array& x_in,
     }
     return py::make_tuple(out, h_n, c_n ? py::object(*c_n) : py::none(), saved);
   };
-  const long work = seq->rows() * L.gate_stride * (L.input + L.output);
-  return {run, result, nullptr, work};
+  return {run, result, nullptr, seq->rows() * step_multiply_adds(L)};
 }
 
 PreparedCall prepare_forward_any(const Layer& layer, const py::array& x,
@@ -414,7 +413,8 @@ PreparedCall prepare_backward(const std::shared_ptr<TrainingState<T>>& state, bo
     return py::make_tuple(grad_x ? py::object(*grad_x) : py::none(), grad_h0,
                           grad_c0 ? py::object(*grad_c0) : py::none());
   };
-  return {run, result, &consumed, 3 * seq.rows() * L.gate_stride * (L.input + L.output)};
+  // Backward does three times a forward's work: dh, dW_ih and dW_hh (as the driver counts it).
+  return {run, result, &consumed, 3 * seq.rows() * step_multiply_adds(L)};
 }
 
 PreparedCall prepare_backward_any(State& state, const BackwardArgs& args) {

@@ -119,12 +119,6 @@ void gemm_part(const KernelTable<T>& k, T* a_block, const ThreadContext& ctx, lo
   }
 }
 
-// Multiply-adds per row and step: the gates from x and h, and the LSTM's projection of h.
-long step_multiply_adds(const Layout& L) {
-  const long projection = L.output != L.hidden ? L.hidden * L.output : 0;
-  return L.gate_stride * (L.input + L.output) + projection;
-}
-
 // Threads for a time loop of `steps` steps of `step_work` multiply-adds each, in a call that
 // does `passes` times that work (backward: dh, dW_ih and dW_hh).
 int threads_for(long steps, long step_work, long passes) {
@@ -158,6 +152,11 @@ void scatter_rows(T* dst, long dst_stride, const T* src, const std::vector<long>
 }
 
 }  // namespace
+
+long step_multiply_adds(const Layout& L) {
+  const long projection = L.output != L.hidden ? L.hidden * L.output : 0;
+  return L.gate_stride * (L.input + L.output) + projection;
+}
 
 Sequences Sequences::uniform(long steps, long batch) {
   Sequences s;

@@ -222,6 +222,13 @@ void ThreadPool::start_workers(int workers) {
   for (int i = 1; i <= workers; ++i) workers_.emplace_back(&ThreadPool::worker_loop, this, i, seen);
 }
 
+bool ThreadPool::match_workers() {
+  if (static_cast<int>(workers_.size()) == threads_.load() - 1) return false;
+  stop_workers();
+  start_workers(threads_.load() - 1);
+  return true;
+}
+
 void ThreadPool::stop_workers() {
   if (workers_.empty()) return;
   stopping_.store(true);
@@ -245,11 +252,7 @@ bool ThreadPool::wake() {
   if (openmp_.load()) return true;  // the runtime's team: its own business
   std::unique_lock<std::mutex> lock(region_mutex_, std::try_to_lock);
   if (!lock.owns_lock() || inside_region) return false;  // a call runs alone anyway
-  if (static_cast<int>(workers_.size()) != threads_.load() - 1) {
-    stop_workers();
-    start_workers(threads_.load() - 1);
-    return false;
-  }
+  if (match_workers()) return false;                     // just started
   if (parked_.load() == 0) return true;
   {
     std::lock_guard<std::mutex> park_lock(park_mutex_);
@@ -311,10 +314,7 @@ void ThreadPool::run_job(int threads, JobFn fn, void* body) {
     run_on_openmp(*openmp, threads, fn, body);
     return;
   }
-  if (static_cast<int>(workers_.size()) != threads_.load() - 1) {
-    stop_workers();
-    start_workers(threads_.load() - 1);
-  }
+  match_workers();
   SpinBarrier barrier(threads);
   job_fn_ = fn;
   job_body_ = body;

@@ -36,6 +36,9 @@ std::shared_ptr<const PackedLayer<T>> pack_layer(const IsaKernels& isa, Cell cel
                                                  const T* w_hh, const T* b_ih, const T* b_hh,
                                                  const T* w_hr);
 
+// Multiply-adds per row and step: the gates from x and h, and the LSTM's projection of h.
+long step_multiply_adds(const Layout& L);
+
 // The rows of a batch of sequences, time-major and packed like torch's PackedSequence: step t
 // holds rows [offset[t], offset[t] + sizes[t]), the first sizes[t] sequences of the batch, which
 // are sorted by length, longest first (sizes never increase). Equal lengths: offset[t] = t * batch.

@@ -134,6 +134,9 @@ class ThreadPool {
   void run_job(int threads, JobFn fn, void* body);
   void start_workers(int workers);
   void stop_workers();
+  // (Re)starts the workers when their count differs from threads() - 1; whether it did. Needs
+  // region_mutex_.
+  bool match_workers();
   void worker_loop(int index, std::uint64_t seen);
   void publish_job();
   static void after_fork_in_child();
