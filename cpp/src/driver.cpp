@@ -454,17 +454,16 @@ void backward(TrainingState<T>& state, const T* grad_out_in, const T* grad_h_n, 
     for (long b = 0; b < seq.sizes[t]; ++b)
       h_prev_row[seq.offset[t] + b] = t == 0 ? b : batch + seq.offset[t - 1] + b;
   const PackedPanels<T> x_panels =
-      pack_panels(x_storage, rows, I, panel, L.lanes, [&](long r, long j) { return x[r * I + j]; });
-  const PackedPanels<T> h_panels = pack_panels(
-      h_storage, rows, P, panel, L.lanes, [&](long r, long j) { return h[h_prev_row[r] * P + j]; });
+      pack_gathered_rows(x_storage, x, I, I, nullptr, rows, I, panel, L.lanes);
+  const PackedPanels<T> h_panels =
+      pack_gathered_rows(h_storage, h, P, P, h_prev_row.data(), rows, P, panel, L.lanes);
   // A projection's backward first makes dL/dh_t [rows, P], then the step multiplies it by W_hr;
   // dW_hr = dhᵀ·h_full.
   AlignedBuffer<T> h_full_storage, grad_h;
   PackedPanels<T> h_full_panels{};
   if (projected) {
-    const T* h_full = state.h_full.data();
-    h_full_panels = pack_panels(h_full_storage, rows, H, panel, L.lanes,
-                                [&](long r, long j) { return h_full[r * H + j]; });
+    h_full_panels = pack_gathered_rows(h_full_storage, state.h_full.data(), H, H, nullptr, rows, H,
+                                       panel, L.lanes);
     grad_h.reset(static_cast<std::size_t>(rows * P));
   }
   const PackedPanels<T>& w_step = projected ? p.w_hr_t_panels : p.w_hh_t_panels;

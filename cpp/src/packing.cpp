@@ -99,9 +99,8 @@ std::shared_ptr<const PackedLayer<T>> pack_layer(const IsaKernels& isa, Cell cel
       },
       [&] {
         if (w_hr)
-          p.w_hr_t_panels =
-              pack_panels(p.w_hr_t, output, L.hidden_padded, generic_panel, lanes,
-                          [&](long k, long j) { return j < hidden ? w_hr[k * hidden + j] : T(0); });
+          p.w_hr_t_panels = pack_gathered_rows(p.w_hr_t, w_hr, hidden, hidden, nullptr, output,
+                                               L.hidden_padded, generic_panel, lanes);
       },
   };
   constexpr int kTasks = static_cast<int>(std::size(tasks));

@@ -1,6 +1,9 @@
 // Packing of a matrix into the column panels the micro-kernel reads (see PackedPanels).
 #pragma once
 
+#include <algorithm>
+#include <cstring>
+
 #include "fastrnn/buffer.h"
 #include "fastrnn/kernels.h"
 
@@ -24,19 +27,6 @@ PackedPanels<T> pack_into_panels(AlignedBuffer<T>& storage, long rows, long cols
     fill(out + col0 * rows, col0, width);  // earlier panels are all full: col0 / panel_width
   }
   return {out, rows, padded_cols, panel_width};
-}
-
-// Packs a rows x cols matrix given element-wise by value(k, j) into panels of panel_width columns
-// (the last panel narrower, padded with zeros to a multiple of lanes).
-template <class T, class ValueAt>
-PackedPanels<T> pack_panels(AlignedBuffer<T>& storage, long rows, long cols, long panel_width,
-                            long lanes, ValueAt value) {
-  return pack_into_panels(
-      storage, rows, cols, panel_width, lanes, [&](T* panel, long col0, long width) {
-        for (long k = 0; k < rows; ++k)
-          for (long jj = 0; jj < width; ++jj)
-            panel[k * width + jj] = col0 + jj < cols ? value(k, col0 + jj) : T(0);
-      });
 }
 
 // Packs a transposed gather: column j of the k_count x cols matrix is row row_of[j] of src (rows
@@ -63,8 +53,9 @@ PackedPanels<T> pack_transposed_rows(AlignedBuffer<T>& storage, const T* src, lo
                           });
 }
 
-// Packs a row gather: row k of the rows x cols matrix is row row_of[k] of src (< 0: zeros), its
-// columns past src_cols zeros. Each panel row is a contiguous piece of a source row: a plain copy.
+// Packs a row gather: row k of the rows x cols matrix is row row_of[k] of src (row_of nullptr:
+// row k; < 0: zeros), its columns past src_cols zeros. Each panel row is a contiguous piece of a
+// source row: a plain copy.
 template <class T>
 PackedPanels<T> pack_gathered_rows(AlignedBuffer<T>& storage, const T* src, long src_stride,
                                    long src_cols, const long* row_of, long rows, long cols,
@@ -75,9 +66,11 @@ PackedPanels<T> pack_gathered_rows(AlignedBuffer<T>& storage, const T* src, long
             src_cols - col0 < width ? (src_cols > col0 ? src_cols - col0 : 0) : width;
         for (long k = 0; k < rows; ++k) {
           T* to = panel + k * width;
-          const T* from = row_of[k] >= 0 ? src + row_of[k] * src_stride + col0 : nullptr;
-          for (long jj = 0; jj < copied; ++jj) to[jj] = from ? from[jj] : T(0);
-          for (long jj = copied; jj < width; ++jj) to[jj] = T(0);
+          const long row = row_of ? row_of[k] : k;
+          if (row >= 0)
+            std::memcpy(to, src + row * src_stride + col0,
+                        static_cast<std::size_t>(copied) * sizeof(T));
+          std::fill(to + (row >= 0 ? copied : 0), to + width, T(0));
         }
       });
 }
