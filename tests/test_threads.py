@@ -103,7 +103,8 @@ def test_cell_backward_does_not_depend_on_thread_count(isa, kind, restore_thread
 def test_calls_after_the_workers_sleep(steps, bidirectional, restore_threads):
     # Idle workers sleep after about 2 ms. A short call then runs on the calling thread (the two
     # directions one after the other) and wakes them for the next call; a long one wakes them and
-    # waits. Either way: the same results, forward and backward.
+    # waits; packing weights (after they change) runs on the calling thread. Either way: the same
+    # results, forward and backward.
     rng = np.random.default_rng(6)
     x = rng.standard_normal((steps, 1, 128)).astype(np.float32)
     grad_out = rng.standard_normal((steps, 1, 256 if bidirectional else 128)).astype(np.float32)
@@ -113,6 +114,7 @@ def test_calls_after_the_workers_sleep(steps, bidirectional, restore_threads):
     fastrnn.set_num_threads(2)
     for _ in range(3):
         time.sleep(0.01)
+        layer.load_state_dict(layer.state_dict())  # repacks the weights at the next call
         for _ in range(3):  # the first after the pause, then with the workers awake
             layer.zero_grad()
             out, grads = _train_step(layer, x, grad_out)
