@@ -51,6 +51,8 @@ def test_bench_prints_a_table_and_saves_json(tmp_path):
     for row in rows:
         assert set(row["seconds"]) == {"fastrnn", "reference"}
         assert all(seconds > 0 for seconds in row["seconds"].values())
+        for library, samples in row["samples"].items():
+            assert min(samples) <= row["seconds"][library] <= max(samples)
 
 
 def test_bench_rejects_bad_threads():

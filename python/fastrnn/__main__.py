@@ -139,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     bench_parser.add_argument("--mode", choices=["inference", "training"], help="only this mode")
     bench_parser.add_argument("--libraries", nargs="*", choices=benchmarks.LIBRARIES)
-    bench_parser.add_argument("--json", metavar="FILE", help="save the results as JSON")
+    bench_parser.add_argument(
+        "--json", metavar="FILE", help="save the results (medians and every sample) as JSON"
+    )
     bench_parser.add_argument("--plot", metavar="FILE.png", help="draw the speed-ups (matplotlib)")
     args = parser.parse_args(argv)
     if args.command == "info":

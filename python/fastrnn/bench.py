@@ -477,7 +477,7 @@ def run_benchmarks(
     progress: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Median seconds per call for every (case, mode, library), interleaved round by round (the
-    FMA units' limit: the best sample)."""
+    FMA units' limit: the best sample), with every sample under "samples"."""
     libraries = tuple(lib for lib in libraries if library_available(lib))
     workers = {lib: Worker(lib) for lib in libraries}
     results = []
@@ -514,6 +514,8 @@ def run_benchmarks(
             # it down (on a VM the first calls of a new thread pool can run on one core).
             statistic = np.min if case.cell == "fma" else np.median
             row["seconds"] = {lib: float(statistic(s)) for lib, s in samples.items()}
+            # Every sample too: on a shared VM the spread says how far one run's ratios can move.
+            row["samples"] = samples
             row["errors"] = errors
             results.append(row)
     finally:
