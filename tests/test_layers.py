@@ -415,6 +415,32 @@ def test_train_eval_modes(kind, rng):
     assert layer.training is True
 
 
+@pytest.mark.parametrize("kind", KINDS + ["gru"])
+def test_eval_mode_packs_the_forward_alone(kind, rng):
+    """Eval mode packs no backward copies of the weights; training mode adds them, once."""
+    layer = fastrnn.GRU(3, 4, seed=0) if kind == "gru" else make_layer(kind, 3, 4)
+    x = rng.standard_normal((5, 2, 3)).astype(np.float32)
+    expected = layer.eval()(x)[0]
+    inference_pack = layer._packed["l0"]
+    assert not inference_pack.trainable
+    out = layer.train()(x)[0]
+    assert layer._packed["l0"].trainable
+    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
+    layer.backward(np.ones_like(out))
+    training_pack = layer._packed["l0"]
+    layer.eval()(x)
+    assert layer._packed["l0"] is training_pack  # kept: it serves both modes
+
+    cell_class = {"lstm": fastrnn.LSTMCell, "gru": fastrnn.GRUCell}.get(kind, fastrnn.RNNCell)
+    cell = cell_class(3, 4, seed=0).eval()
+    cell(x[0])
+    assert not cell._packed[""].trainable
+    cell.train()
+    h = cell(x[0])
+    assert cell._packed[""].trainable
+    cell.backward(*(np.ones_like(v) for v in (h if isinstance(h, tuple) else (h,))))
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_backward_requires_training_forward(kind, rng):
     x = rng.standard_normal((3, 2, 3)).astype(np.float32)
@@ -1110,7 +1136,7 @@ def test_concatenated_forwards_need_the_same_rows_and_dtype(rng):
     from fastrnn import _core
 
     layer = fastrnn.LSTM(3, 4, bidirectional=True, seed=0)
-    units = [layer._packed_unit(u, "lstm") for u in ("l0", "l0_reverse")]
+    units = [layer._packed_unit(u, "lstm", False) for u in ("l0", "l0_reverse")]
     x = rng.standard_normal((5, 2, 3)).astype(np.float32)
     results = _core.forward_each(
         [
@@ -1122,7 +1148,7 @@ def test_concatenated_forwards_need_the_same_rows_and_dtype(rng):
     assert results[0][0] is results[1][0] and results[0][0].shape == (5, 2, 8)
     alone = _core.forward(units[1], x, None, None, False, None, True)[0]
     np.testing.assert_array_equal(results[0][0][..., 4:], alone)
-    double = fastrnn.LSTM(3, 4, dtype=np.float64, seed=0)._packed_unit("l0", "lstm")
+    double = fastrnn.LSTM(3, 4, dtype=np.float64, seed=0)._packed_unit("l0", "lstm", False)
     for unit, rows in ((units[1], x[:4]), (double, x)):
         calls = [
             (units[0], x, None, None, False, None, False),
@@ -1130,3 +1156,17 @@ def test_concatenated_forwards_need_the_same_rows_and_dtype(rng):
         ]
         with pytest.raises(ValueError, match="same dtype and rows"):
             _core.forward_each(calls, True)
+
+
+def test_training_forward_needs_a_trainable_pack(rng):
+    from fastrnn import _core
+
+    w = [rng.standard_normal(shape).astype(np.float32) for shape in ((16, 3), (16, 4))]
+    x = rng.standard_normal((5, 2, 3)).astype(np.float32)
+    inference = _core.pack("lstm", *w, training=False)
+    assert not inference.trainable and _core.pack("lstm", *w).trainable
+    np.testing.assert_array_equal(
+        _core.forward(inference, x)[0], _core.forward(_core.pack("lstm", *w), x)[0]
+    )
+    with pytest.raises(ValueError, match="packed with training=True"):
+        _core.forward(inference, x, training=True)

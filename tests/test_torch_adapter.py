@@ -286,6 +286,22 @@ def test_fallback_for_dtype_mismatch_gives_torchs_error():
             m(torch.randn(5, 2, 3, dtype=torch.float64))
 
 
+def test_packs_backward_copies_only_when_autograd_needs_them():
+    torch.manual_seed(0)
+    reference, fast = torch.nn.LSTM(3, 4), ft.LSTM(3, 4)
+    fast.load_state_dict(reference.state_dict())
+    x = torch.randn(5, 2, 3)
+    with torch.no_grad():
+        fast(x)
+    assert not fast._fastrnn.spec.layer._packed["l0"].trainable
+    out = fast(x)[0]
+    assert fast._fastrnn.spec.layer._packed["l0"].trainable
+    out.sum().backward()
+    reference(x)[0].sum().backward()
+    for name, p in reference.named_parameters():
+        assert_close(dict(fast.named_parameters())[name].grad, p.grad, np.float32, "grad", name)
+
+
 def test_follows_to_dtype_and_repacks():
     torch.manual_seed(0)
     reference, fast = torch.nn.LSTM(3, 4), ft.LSTM(3, 4)

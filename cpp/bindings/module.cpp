@@ -155,6 +155,7 @@ class Layer {
   const Layout& layout() const { return f32 ? f32->layout : f64->layout; }
   const char* isa() const { return f32 ? f32->isa->name : f64->isa->name; }
   bool has_bias() const { return f32 ? f32->has_bias : f64->has_bias; }
+  bool trainable() const { return f32 ? f32->trainable : f64->trainable; }
   py::dtype dtype() const { return f32 ? py::dtype::of<float>() : py::dtype::of<double>(); }
 };
 
@@ -170,7 +171,7 @@ class State {
 template <class T>
 Layer pack_typed(Cell cell, const py::array& w_ih_in, const py::array& w_hh_in,
                  const std::optional<py::array>& b_ih_in, const std::optional<py::array>& b_hh_in,
-                 const std::optional<py::array>& w_hr_in) {
+                 const std::optional<py::array>& w_hr_in, bool trainable) {
   const long gates = cell == Cell::lstm ? 4 : cell == Cell::gru ? 3 : 1;
   CArray<T> w_ih = as_array<T>(w_ih_in, "weight_ih"), w_hh = as_array<T>(w_hh_in, "weight_hh");
   std::optional<CArray<T>> w_hr;
@@ -197,8 +198,9 @@ Layer pack_typed(Cell cell, const py::array& w_ih_in, const py::array& w_hh_in,
   const IsaKernels& isa = active_isa();
   Layer layer;
   py::gil_scoped_release release;
-  auto packed = pack_layer<T>(isa, cell, input, hidden, output, w_ih.data(), w_hh.data(),
-                              data_or_null(b_ih), data_or_null(b_hh), data_or_null(w_hr));
+  auto packed =
+      pack_layer<T>(isa, cell, input, hidden, output, w_ih.data(), w_hh.data(), data_or_null(b_ih),
+                    data_or_null(b_hh), data_or_null(w_hr), trainable);
   if constexpr (std::is_same_v<T, float>)
     layer.f32 = std::move(packed);
   else
@@ -208,10 +210,12 @@ Layer pack_typed(Cell cell, const py::array& w_ih_in, const py::array& w_hh_in,
 
 Layer pack(const std::string& cell_name_in, const py::array& w_ih, const py::array& w_hh,
            const std::optional<py::array>& b_ih, const std::optional<py::array>& b_hh,
-           const std::optional<py::array>& w_hr) {
+           const std::optional<py::array>& w_hr, bool training) {
   const Cell cell = parse_cell(cell_name_in);
-  if (has_dtype<float>(w_ih)) return pack_typed<float>(cell, w_ih, w_hh, b_ih, b_hh, w_hr);
-  if (has_dtype<double>(w_ih)) return pack_typed<double>(cell, w_ih, w_hh, b_ih, b_hh, w_hr);
+  if (has_dtype<float>(w_ih))
+    return pack_typed<float>(cell, w_ih, w_hh, b_ih, b_hh, w_hr, training);
+  if (has_dtype<double>(w_ih))
+    return pack_typed<double>(cell, w_ih, w_hh, b_ih, b_hh, w_hr, training);
   throw py::type_error("weight_ih must be float32 or float64, got " +
                        std::string(py::str(w_ih.dtype())));
 }
@@ -303,6 +307,8 @@ PreparedCall prepare_forward(const Layer& layer, const py::array& x_in,
                              SharedOutput* shared) {
   const Layout& L = layer.layout();
   const bool lstm = L.cell == Cell::lstm, packed = batch_sizes.has_value();
+  if (training && !layer.trainable())
+    throw py::value_error("a training forward needs a layer packed with training=True");
   CArray<T> x = as_array<T>(x_in, "x");
   auto seq = std::make_shared<const Sequences>(sequences_of(x, batch_sizes, L.input));
   const std::vector<py::ssize_t> h_shape{seq->batch, L.output}, c_shape{seq->batch, L.hidden};
@@ -605,13 +611,15 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("input_size", [](const Layer& l) { return l.layout().input; })
       .def_property_readonly("hidden_size", [](const Layer& l) { return l.layout().hidden; })
       .def_property_readonly("output_size", [](const Layer& l) { return l.layout().output; })
-      .def_property_readonly("has_bias", &Layer::has_bias);
+      .def_property_readonly("has_bias", &Layer::has_bias)
+      .def_property_readonly("trainable", &Layer::trainable);
   py::class_<State>(m, "TrainingState", "What a training forward keeps for its backward.");
 
   m.def("pack", &pack, py::arg("cell"), py::arg("weight_ih"), py::arg("weight_hh"),
         py::arg("bias_ih") = py::none(), py::arg("bias_hh") = py::none(),
-        py::arg("weight_hr") = py::none(),
-        "Pack torch.nn-layout weights for the active ISA (weight_hr: the LSTM's projection).");
+        py::arg("weight_hr") = py::none(), py::arg("training") = true,
+        "Pack torch.nn-layout weights for the active ISA (weight_hr: the LSTM's projection). "
+        "training=False packs only what a forward in inference needs: half the memory.");
   m.def("forward", &forward_any, py::arg("layer"), py::arg("x"), py::arg("h0") = py::none(),
         py::arg("c0") = py::none(), py::arg("training") = false,
         py::arg("batch_sizes") = py::none(), py::arg("reverse") = false,

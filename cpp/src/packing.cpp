@@ -54,7 +54,7 @@ template <class T>
 std::shared_ptr<const PackedLayer<T>> pack_layer(const IsaKernels& isa, Cell cell, long input,
                                                  long hidden, long output, const T* w_ih,
                                                  const T* w_hh, const T* b_ih, const T* b_hh,
-                                                 const T* w_hr) {
+                                                 const T* w_hr, bool trainable) {
   if (input < 1 || hidden < 1 || output < 1)
     throw std::invalid_argument("input, hidden and projection sizes must be >= 1");
   if ((w_hr != nullptr) != (output != hidden) || (w_hr && cell != Cell::lstm))
@@ -65,6 +65,7 @@ std::shared_ptr<const PackedLayer<T>> pack_layer(const IsaKernels& isa, Cell cel
   p.kernels = &table_of<T>(isa);
   p.layout = make_layout(cell, input, hidden, output, p.kernels->lanes);
   p.has_bias = b_ih != nullptr || b_hh != nullptr;
+  p.trainable = trainable;
   const Layout& L = p.layout;
   const long lanes = L.lanes;
   const long gate_panel = L.gates * L.panel_hidden;
@@ -90,12 +91,14 @@ std::shared_ptr<const PackedLayer<T>> pack_layer(const IsaKernels& isa, Cell cel
       },
       // Backward: gate columns (as rows, K) x input / hidden units.
       [&] {
-        p.w_ih_t_panels = pack_gathered_rows(p.w_ih_t, w_ih, input, input, row_of, L.gate_stride,
-                                             input, generic_panel, lanes);
+        if (trainable)
+          p.w_ih_t_panels = pack_gathered_rows(p.w_ih_t, w_ih, input, input, row_of, L.gate_stride,
+                                               input, generic_panel, lanes);
       },
       [&] {
-        p.w_hh_t_panels = pack_gathered_rows(p.w_hh_t, w_hh, output, output, row_of, L.gate_stride,
-                                             w_hh_t_cols, generic_panel, lanes);
+        if (trainable)
+          p.w_hh_t_panels = pack_gathered_rows(p.w_hh_t, w_hh, output, output, row_of,
+                                               L.gate_stride, w_hh_t_cols, generic_panel, lanes);
       },
       // h = W_hr·h_full: forward K = hidden x N = output; backward K = output x N = hidden.
       [&] {
@@ -104,7 +107,7 @@ std::shared_ptr<const PackedLayer<T>> pack_layer(const IsaKernels& isa, Cell cel
                                                generic_panel, lanes);
       },
       [&] {
-        if (w_hr)
+        if (w_hr && trainable)
           p.w_hr_t_panels = pack_gathered_rows(p.w_hr_t, w_hr, hidden, hidden, nullptr, output,
                                                L.hidden_padded, generic_panel, lanes);
       },
@@ -137,10 +140,10 @@ std::shared_ptr<const PackedLayer<T>> pack_layer(const IsaKernels& isa, Cell cel
 template std::shared_ptr<const PackedLayer<float>> pack_layer(const IsaKernels&, Cell, long, long,
                                                               long, const float*, const float*,
                                                               const float*, const float*,
-                                                              const float*);
+                                                              const float*, bool);
 template std::shared_ptr<const PackedLayer<double>> pack_layer(const IsaKernels&, Cell, long, long,
                                                                long, const double*, const double*,
                                                                const double*, const double*,
-                                                               const double*);
+                                                               const double*, bool);
 
 }  // namespace fastrnn

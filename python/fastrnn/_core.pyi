@@ -30,6 +30,8 @@ class PackedLayer:
     def output_size(self) -> int: ...
     @property
     def has_bias(self) -> bool: ...
+    @property
+    def trainable(self) -> bool: ...
 
 class TrainingState: ...
 
@@ -40,6 +42,7 @@ def pack(
     bias_ih: npt.ArrayLike | None = None,
     bias_hh: npt.ArrayLike | None = None,
     weight_hr: npt.ArrayLike | None = None,
+    training: bool = True,
 ) -> PackedLayer: ...
 def forward(
     layer: PackedLayer,

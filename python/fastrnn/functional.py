@@ -37,7 +37,7 @@ def _run(cell: str, x: Any, h0: Any, c0: Any, weights: tuple[Any, ...]) -> tuple
         raise ValueError(f"x must have shape (seq_len, batch, input_size), got {x.shape}")
     h0 = None if h0 is None else _checked("h0", h0, w_ih.dtype)
     c0 = None if c0 is None else _checked("c0", c0, w_ih.dtype)
-    packed = _core.pack(cell, *arrays)
+    packed = _core.pack(cell, *arrays, training=False)  # a forward alone: no backward's copies
     return _core.forward(packed, x, h0, c0, False)[:3]
 
 

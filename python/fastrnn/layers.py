@@ -189,10 +189,16 @@ class _Module:
     def eval(self) -> Any:
         return self.train(False)
 
-    def _packed_unit(self, unit: str, cell: str) -> _core.PackedLayer:
-        """The packed weights of a unit ("l0", "l1_reverse", or "" for a cell), packed lazily."""
+    def _packed_unit(self, unit: str, cell: str, trainable: bool) -> _core.PackedLayer:
+        """The packed weights of a unit ("l0", "l1_reverse", or "" for a cell), packed lazily:
+        with the backward's copies of the weights once a call is ``trainable`` (keeps what
+        backward needs), without them until then (half the memory, for inference)."""
         packed = self._packed.get(unit)
-        if packed is None or packed.isa != _core.active_isa():
+        if (
+            packed is None
+            or packed.isa != _core.active_isa()
+            or (trainable and not packed.trainable)
+        ):
             suffix = f"_{unit}" if unit else ""
             p = self._params
             packed = _core.pack(
@@ -202,6 +208,7 @@ class _Module:
                 p.get("bias_ih" + suffix),
                 p.get("bias_hh" + suffix),
                 p.get("weight_hr" + suffix),
+                trainable,
             )
             self._packed[unit] = packed
         return packed
@@ -388,7 +395,7 @@ class _RNNBase(_Module):
                 k = layer * directions + d
                 h_start = None if h0 is None else h0[k]
                 c_start = None if c0 is None else c0[k]
-                packed = self._packed_unit(units[k], cell)
+                packed = self._packed_unit(units[k], cell, keep)
                 calls.append((packed, layer_input, h_start, c_start, keep, batch_sizes, d == 1))
             # The two directions run at once, each on a thread of its own, and write their
             # outputs side by side into one array.
@@ -893,7 +900,7 @@ class _CellBase(_Module):
         if not batched:
             x, h, c = x[None], None if h is None else h[None], None if c is None else c[None]
         _, h_next, c_next, saved = _core.forward(
-            self._packed_unit("", self._cell), x[None], h, c, self.training
+            self._packed_unit("", self._cell, self.training), x[None], h, c, self.training
         )
         if saved is not None:
             self._tape.append((saved, batched, x.shape[0]))

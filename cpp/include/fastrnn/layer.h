@@ -25,16 +25,19 @@ struct PackedLayer {
   AlignedBuffer<long> torch_row;    // torch.nn's weight row of each panel column, -1 for padding
   PackedPanels<T> w_ih_panels, w_hh_panels, w_ih_t_panels, w_hh_t_panels;
   PackedPanels<T> w_hr_panels, w_hr_t_panels;
+  // Packed for training too: with the backward's copies of the weights (w_ih_t, w_hh_t, w_hr_t).
+  bool trainable = true;
   bool projected() const { return layout.output != layout.hidden; }
 };
 
 // Weights in torch.nn's layout: w_ih (G*H, I), w_hh (G*H, P), biases (G*H) or nullptr, and the
-// LSTM's projection w_hr (P, H), or nullptr and P = H.
+// LSTM's projection w_hr (P, H), or nullptr and P = H. Without `trainable`, only the forward's
+// copies are packed: half the memory and time, for inference.
 template <class T>
 std::shared_ptr<const PackedLayer<T>> pack_layer(const IsaKernels& isa, Cell cell, long input,
                                                  long hidden, long output, const T* w_ih,
                                                  const T* w_hh, const T* b_ih, const T* b_hh,
-                                                 const T* w_hr);
+                                                 const T* w_hr, bool trainable);
 
 // Multiply-adds per row and step: the gates from x and h, and the LSTM's projection of h.
 long step_multiply_adds(const Layout& L);
