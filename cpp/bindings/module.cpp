@@ -281,7 +281,7 @@ void run_calls(std::vector<PreparedCall>& calls) {
   long work = 0;
   for (const PreparedCall& call : calls) work += call.work;
   // Short calls do not wait for workers that sleep (kShortCallWork): one after the other here.
-  if (calls.size() == 1 || (work < kShortCallWork && !ThreadPool::global().wake())) {
+  if (calls.size() == 1 || !ThreadPool::global().use_workers(work)) {
     for (PreparedCall& call : calls) call.run();
     return;
   }

@@ -125,8 +125,7 @@ int threads_for(long steps, long step_work, long passes) {
   const long work = passes * steps * step_work;
   if (step_work < kParallelStepWork || work < kParallelCallWork) return 1;
   ThreadPool& pool = ThreadPool::global();
-  if (work < kShortCallWork && !pool.wake()) return 1;
-  return pool.threads();
+  return pool.use_workers(work) ? pool.threads() : 1;
 }
 
 // Whether a time loop of `batch` rows on `threads` threads splits the batch, not the hidden units.

@@ -115,7 +115,7 @@ std::shared_ptr<const PackedLayer<T>> pack_layer(const IsaKernels& isa, Cell cel
   constexpr int kTasks = static_cast<int>(std::size(tasks));
   const long elements = L.gate_stride * (input + output) + 2 * output * hidden;
   const bool parallel = elements >= kParallelPackElements &&
-                        (elements >= kShortPackElements || ThreadPool::global().wake());
+                        ThreadPool::global().use_workers(elements, kShortPackElements);
   const int threads = parallel ? kTasks : 1;
   ThreadPool::global().run_tasks(threads, kTasks, [&](int i) { tasks[i](); });
   // The GRU's b_hn is applied inside r * (W_hn·h + b_hn): it gets its own vector.

@@ -96,10 +96,12 @@ class ThreadPool {
     run_job(threads, &invoke<std::remove_reference_t<Body>>, &body);
   }
 
-  // Whether the workers are awake, ready to start a job at once. Workers that sleep are woken
-  // (or started) without waiting for them: a short call runs alone rather than wait for a wake-up
-  // (kShortCallWork), and the next finds them spinning.
-  bool wake();
+  // Whether a call of `work` should run on the workers: always from `short_work` up (in
+  // multiply-adds by default, see kShortCallWork), a shorter one only when they are awake. Workers
+  // that sleep are woken for the next call, which finds them spinning.
+  bool use_workers(long work, long short_work = kShortCallWork) {
+    return work >= short_work || wake();
+  }
 
   // Runs task(i) for every i in [0, count), spread over up to `threads` threads. Unlike a region's
   // body, a task may throw (say, bad_alloc): once all tasks are done, the exception of the first
@@ -137,6 +139,9 @@ class ThreadPool {
   // (Re)starts the workers when their count differs from threads() - 1; whether it did. Needs
   // region_mutex_.
   bool match_workers();
+  // Whether the workers are awake, ready to start a job at once. Workers that sleep are woken
+  // (or started) without waiting for them.
+  bool wake();
   void worker_loop(int index, std::uint64_t seen);
   void publish_job();
   static void after_fork_in_child();
