@@ -363,7 +363,9 @@ def _covering_cases():
 CASES = _covering_cases()
 
 #: Large enough that the C++ shares each time loop between 2 threads: batch split (a batch, or
-#: packed batch_sizes[0], of >= 64) and hidden split (small batch, H=200).
+#: packed batch_sizes[0], of >= 64) and hidden split (small batch, H=200). At batch 1 with H=232,
+#: each thread's step is long enough to run whole, with the next block's input projection
+#: computed alongside it (the side product), over a number of steps that leaves a partial block.
 THREADED_CASES = [
     Case("lstm", 2, True, True, False, True, "lengths", "all", IN=17, H=33, B=70, T=20),
     Case("lstm_proj", 1, False, True, True, True, "padded", "all", IN=17, H=200, B=70, T=20),
@@ -372,6 +374,9 @@ THREADED_CASES = [
     Case("gru", 2, False, True, True, True, "lengths0", "out", IN=33, H=65, B=70, T=20),
     Case("rnn_relu", 2, False, True, False, True, "lengths", "all", IN=17, H=200, B=5, T=20),
     Case("rnn_tanh", 1, True, False, False, False, "padded", "state", IN=9, H=33, B=130, T=20),
+    Case("lstm", 2, True, True, False, True, "unbatched", "all", IN=72, H=232, B=1, T=23),
+    Case("gru", 1, True, False, True, False, "padded", "all", IN=40, H=232, B=1, T=23),
+    Case("rnn_relu", 1, False, True, False, True, "lengths", "all", IN=300, H=232, B=1, T=13),
 ]
 
 
@@ -473,6 +478,31 @@ def test_matches_torch_eval_mode(isa, kind, rng):
         assert_close(c_n, t_state[1].numpy(), dtype, "fwd", "c_n")
     with pytest.raises(RuntimeError, match="backward"):
         back(fm, np.zeros_like(out))
+
+
+@requires_torch
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("kind", KINDS)
+def test_matches_torch_eval_batch_one(isa, kind, threads, rng, restore_threads):
+    """Eval forwards at batch 1, where the input projection of each block of steps is computed
+    alongside the block before it, into two blocks of gates in turn, and the reverse direction
+    reads x backwards in place: 2 layers, bidirectional, a partial last block, and long enough
+    steps (H=232) that two threads run them whole."""
+    dtype = np.float32
+    fastrnn.set_num_threads(threads)
+    tm, fm = make_pair(kind, 40, 232, dtype=dtype, num_layers=2, bidirectional=True)
+    tm.eval()
+    fm.eval()
+    x = rng.standard_normal((23, 1, 40)).astype(dtype)
+    h0, c0 = random_states(fm, rng, 1)
+    with torch.no_grad():
+        hx = torch.from_numpy(h0) if c0 is None else (torch.from_numpy(h0), torch.from_numpy(c0))
+        t_out, t_state = tm(torch.from_numpy(x), hx)
+    out, h_n, c_n = call(fm, x, h0, c0)
+    assert_close(out, t_out.numpy(), dtype, "fwd", "out")
+    assert_close(h_n, (t_state if c0 is None else t_state[0]).numpy(), dtype, "fwd", "h_n")
+    if c0 is not None:
+        assert_close(c_n, t_state[1].numpy(), dtype, "fwd", "c_n")
 
 
 # --------------------------------------------------------------------------- 2. lengths

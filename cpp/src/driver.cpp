@@ -48,6 +48,12 @@ constexpr long kBatchSplitRows = 32;
 // H=128 at B=4 (12%), LSTM H=512 at B=4 (5%), LSTM H=256 at B=8 (4%) and B=16 (5%), LSTM and GRU
 // H=512 at B=16 (2%).
 constexpr long kProgressStepWork = 1L << 16;
+// The side product (batch 1) pays while a thread's share of W_ih and W_hh is at most this many
+// times its L2 (1 MiB here). LSTM inference at B=1, medians of 3 alternating runs against a GEMM
+// before the steps: two threads, H=256 (1 MiB a thread) -10%, H=512 (4 MiB) -5%, H=640 (6.5 MiB)
+// mixed, H=768 (9.4 MiB) +10-35%, H=1024 (16 MiB: W_ih and W_hh fill the 32 MiB L3) +85%; one
+// thread, H=256 (2 MiB) -10%, H=512 (8 MiB) mixed.
+constexpr long kSideProductL2s = 4;
 // Up to this much of W_hh a thread, a step's last panels are still in L1 (32-48 KiB) when the next
 // step starts on them.
 constexpr long kL1Reuse = 128 << 10;
@@ -236,10 +242,35 @@ void forward(const std::shared_ptr<const PackedLayer<T>>& layer, const Sequences
     x = reversed_x.data();
     out = reversed_out.data();
   }
+  const int threads = threads_for(steps, batch * step_multiply_adds(L), 1);
+  const bool batch_split = split_by_batch(p, batch, threads);
+  // At batch 1 (hidden split, no projection), x·W_ihᵀ + b of each block of side_block steps is
+  // computed in shares during the block before it (StepForwardArgs::side_x), where the steps'
+  // stream of W_hh leaves the FMA units half idle, instead of by a GEMM before the steps; a GEMM
+  // computes the first block. Its stream of W_ih competes with W_hh's for the caches: it pays
+  // while a thread's share of both is at most kSideProductL2s times its L2.
+  const long weight_share_bytes =
+      static_cast<long>((p.w_ih.size() + p.w_hh.size()) * sizeof(T)) / threads;
+  const bool side_product = batch == 1 && !batch_split && !projected &&
+                            weight_share_bytes <= kSideProductL2s * l2_cache_bytes();
+  const long side_block = std::max<long>(k.micro_rows, L.gates * L.panel_vectors);
+  // Hidden split without a projection: a step needs the other threads' part of h_{t-1} only for
+  // half of its product, so each thread can wait for exactly that (StepProgress), not at a
+  // barrier. That pays only for short steps (see kProgressStepWork), and at batch 1 whole steps
+  // with the side product pay more (two threads, medians of 6 alternating runs: LSTM H=96 0.131
+  // -> 0.116 ms, H=128 0.217 -> 0.191-0.217, H=160 0.323 -> 0.290, GRU H=160 0.248 -> 0.228, RNN
+  // H=256 0.205 -> 0.188; T=100).
+  const bool split_steps = !side_product && !batch_split && !projected && threads > 1 &&
+                           batch * G * P <= kProgressStepWork * threads;
   // Training keeps the whole sequence of gates and cell states for backward; inference computes
-  // x·W_ihᵀ for a chunk of time steps at a time and alternates two cell states.
-  const long chunk_steps =
-      state ? steps : std::clamp(kInferenceGateElements / (batch * G), 1L, steps);
+  // x·W_ihᵀ for a chunk of time steps at a time (with the side product: two blocks, in turn) and
+  // alternates two cell states.
+  const long chunk_steps = state ? steps
+                           : side_product
+                               ? std::min(2 * side_block, steps)
+                               : std::clamp(kInferenceGateElements / (batch * G), 1L, steps);
+  // The gate buffer's row of step t with the side product.
+  const auto side_gate_row = [&](long t) { return state ? t : t % chunk_steps; };
   // With a projection the step writes h_full = o * tanh(c), and a GEMM then makes h = h_full·W_hrᵀ.
   AlignedBuffer<T> inference_gates, inference_c, inference_h_full;
   T* gates = nullptr;
@@ -278,13 +309,6 @@ void forward(const std::shared_ptr<const PackedLayer<T>>& layer, const Sequences
     if (c0) copy_rows(c_all, Hp, c0, H, batch, H);
   }
 
-  const int threads = threads_for(steps, batch * step_multiply_adds(L), 1);
-  const bool batch_split = split_by_batch(p, batch, threads);
-  // Hidden split without a projection: a step needs the other threads' part of h_{t-1} only for
-  // half of its product, so each thread can wait for exactly that (StepProgress), not at a
-  // barrier. That pays only for short steps (see kProgressStepWork).
-  const bool split_steps =
-      !batch_split && !projected && threads > 1 && batch * G * P <= kProgressStepWork * threads;
   AlignedBuffer<T> partial_sums(static_cast<std::size_t>(split_steps ? batch * G : 0));
   AlignedBuffer<T> gemm_blocks(static_cast<std::size_t>(threads * k.gemm_block_elements));
   StepProgress progress(split_steps ? threads : 0);
@@ -321,8 +345,22 @@ void forward(const std::shared_ptr<const PackedLayer<T>>& layer, const Sequences
     step.own_end = std::min(panel1 * L.panel_hidden, H);
     step.partial_sums = partial_sums.data();
     long chunk_row0 = 0;  // first row of the chunk of x·W_ihᵀ in the gate buffer
+    step.w_ih = p.w_ih.data();
+    step.bias = p.bias.data();
+    // x's rows of consecutive steps at batch 1 (reversed in place: backwards).
+    step.side_x_stride = steps > 1 ? (first_row(1) - first_row(0)) * I : I;
     for (long t = 0; t < steps; ++t) {
-      if (t % chunk_steps == 0) {
+      if (side_product) {
+        if (t == 0)
+          gemm_panels(k, a_block, std::min(side_block, steps), G, I,
+                      {x + first_row(0) * I, step.side_x_stride, 1}, p.w_ih_panels, panel0, panel1,
+                      GemmOutput<T>{gates, G, p.bias.data()});
+        const long next_block = (t / side_block + 1) * side_block;
+        step.side_x = next_block < steps ? x + first_row(next_block) * I : nullptr;
+        step.side_rows = std::min(side_block, steps - next_block);
+        step.side_phase = t % side_block;
+        step.side_gates = gates + side_gate_row(next_block) * G;
+      } else if (t % chunk_steps == 0) {
         const long chunk_end = std::min(t + chunk_steps, steps);
         chunk_row0 = std::min(first_row(t), first_row(chunk_end - 1));
         const long chunk_rows = seq.offset[chunk_end] - seq.offset[t];
@@ -346,7 +384,7 @@ void forward(const std::shared_ptr<const PackedLayer<T>>& layer, const Sequences
       // h_full's rows: the step's own in training, one buffer of batch rows in inference.
       T* h_full_t = h_full + (state ? seq.offset[t] : 0) * H;
       step.h_next = projected ? h_full_t + row0 * H : out + row * os;
-      step.gates = gates + (state ? row : row - chunk_row0) * G;
+      step.gates = gates + (side_product ? side_gate_row(t) : state ? row : row - chunk_row0) * G;
       if (lstm) {
         step.c_prev = c_before(t) + row0 * Hp;
         step.c_next = c_after(t) + row0 * Hp;

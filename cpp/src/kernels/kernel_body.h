@@ -213,6 +213,49 @@ FASTRNN_INLINE void multiply_panel(long k_count, const typename V::value_type* a
   }
 }
 
+// Batch 1 with a side product (StepForwardArgs::side_x): acc = h · panel, as
+// multiply_panel<V, 1, NV>, and side[r] = row r of x · a vector column of a W_ih panel (row k at
+// w + k * w_stride), k by k in one loop. The product with h loads a vector of W_hh from L2 per
+// FMA, which leaves the FMA units half idle; the side's SR FMAs per load fill them. One set of
+// accumulators suffices: the side's chains cover the FMA latency.
+template <class V, int NV, int SR>
+FASTRNN_INLINE void multiply_panel_with_side(long k_count, const typename V::value_type* h,
+                                             const typename V::value_type* panel, V (&acc)[1][NV],
+                                             long side_k, const typename V::value_type* x,
+                                             long x_stride, const typename V::value_type* w,
+                                             long w_stride, V (&side)[SR]) {
+  FASTRNN_UNROLL
+  for (int v = 0; v < NV; ++v) acc[0][v] = V::zero();
+  FASTRNN_UNROLL
+  for (int r = 0; r < SR; ++r) side[r] = V::zero();
+  auto recurrent = [&](long k) FASTRNN_LAMBDA_INLINE {
+    const V h_k = V::set1(h[k]);
+    FASTRNN_UNROLL
+    for (int v = 0; v < NV; ++v)
+      acc[0][v] = fma(h_k, V::load(panel + (k * NV + v) * V::lanes), acc[0][v]);
+  };
+  auto input = [&](long k) FASTRNN_LAMBDA_INLINE {
+    const V w_k = V::load(w + k * w_stride);
+    FASTRNN_UNROLL
+    for (int r = 0; r < SR; ++r) side[r] = fma(V::set1(x[r * x_stride + k]), w_k, side[r]);
+  };
+  const long both = min_long(k_count, side_k);
+  for (long k = 0; k < both; ++k) {
+    recurrent(k);
+    input(k);
+  }
+  for (long k = both; k < k_count; ++k) recurrent(k);
+  for (long k = both; k < side_k; ++k) input(k);
+}
+
+// Steps in a block of the side product (StepForwardArgs::side_x) of panels of NV gate vectors:
+// as many as the micro-kernel's rows, so that the side makes as many FMAs per load of W_ih as the
+// GEMM would (and at least NV, so that a panel has at most one gate vector a step).
+template <int NV>
+constexpr int side_block_rows() {
+  return NV > kMicroRows ? NV : kMicroRows;
+}
+
 // Calls body.template operator()<MR_, NV_>() with compile-time micro-kernel sizes.
 template <int MR, class Body>
 FASTRNN_INLINE void with_rows(long rows, Body&& body) {
@@ -526,10 +569,10 @@ void run_step_forward(const StepForwardArgs<typename V::value_type>& args) {
   constexpr int MR = kMicroRows;
   constexpr long W = V::lanes;
   const long panel_size = args.layout->output * NV * W;
-  // Panels [first, last) for R rows from row0. The body works on a copy of the arguments: the
-  // SIMD stores may alias anything in memory, so fields read through `args` would be reloaded
-  // after every store.
-  auto panels = [&]<int R>(long row0, long first, long last, Prefetch<T> prefetch) {
+  // Panels [first, last) for R rows from row0, with a side product of SR rows if SR > 0 (then
+  // R = 1). The body works on a copy of the arguments: the SIMD stores may alias anything in
+  // memory, so fields read through `args` would be reloaded after every store.
+  auto panels = [&]<int R, int SR>(long row0, long first, long last, Prefetch<T> prefetch) {
     const StepForwardArgs<T> s = args;
     const Epilogue epilogue{s};
     const Layout& L = *s.layout;
@@ -557,8 +600,28 @@ void run_step_forward(const StepForwardArgs<typename V::value_type>& args) {
         }
       }
       V acc[R][NV];
-      multiply_panel<V, R, NV>(k1 - k0, h + k0, s.h_prev_stride, 1, panel + k0 * NV * W, acc,
-                               prefetch);
+      bool multiplied = false;
+      if constexpr (SR > 0) {
+        // The panel's share of the side product: its gate vector whose index is congruent to the
+        // step's phase, modulo the block (over a block's steps, every gate vector once), if any.
+        constexpr long block = side_block_rows<NV>();
+        const long v = ((s.side_phase - p * NV) % block + block) % block;
+        if (v < NV) {
+          V side[SR];
+          multiply_panel_with_side<V, NV, SR>(k1 - k0, h + k0, panel + k0 * NV * W, acc, L.input,
+                                              s.side_x, s.side_x_stride,
+                                              s.w_ih + (p * L.input * NV + v) * W, NV * W, side);
+          const long column = (p * NV + v) * W;
+          const V bias = V::load(s.bias + column);
+          FASTRNN_UNROLL
+          for (int r = 0; r < SR; ++r)
+            (side[r] + bias).store(s.side_gates + r * L.gate_stride + column);
+          multiplied = true;
+        }
+      }
+      if (!multiplied)
+        multiply_panel<V, R, NV>(k1 - k0, h + k0, s.h_prev_stride, 1, panel + k0 * NV * W, acc,
+                                 prefetch);
       if (s.part == StepPart::own_units) {
         T* partial = s.partial_sums + row0 * L.gate_stride + p * NV * W;
         FASTRNN_UNROLL
@@ -585,9 +648,15 @@ void run_step_forward(const StepForwardArgs<typename V::value_type>& args) {
   // Up to MR rows run every panel in one call of the row-count dispatch: a call per panel costs
   // 3% of a batch-1 LSTM step at H=128 in set-up. More rows: panel by panel, so that all row
   // blocks use a panel while it is in cache.
+  if (args.side_x) {
+    with_rows<side_block_rows<NV>()>(args.side_rows, [&]<int SR>() {
+      panels.template operator()<1, SR>(0, args.panel_begin, args.panel_end, {});
+    });
+    return;
+  }
   if (args.batch <= MR) {
     with_rows<MR>(args.batch, [&]<int R>() {
-      panels.template operator()<R>(0, args.panel_begin, args.panel_end, {});
+      panels.template operator()<R, 0>(0, args.panel_begin, args.panel_end, {});
     });
     return;
   }
@@ -608,7 +677,7 @@ void run_step_forward(const StepForwardArgs<typename V::value_type>& args) {
       const Prefetch<T> prefetch =
           next_panel ? prefetch_share(next_panel, panel_bytes, block, row_blocks) : Prefetch<T>{};
       with_rows<MR>(rows,
-                    [&]<int R>() { panels.template operator()<R>(row0, p, p + 1, prefetch); });
+                    [&]<int R>() { panels.template operator()<R, 0>(row0, p, p + 1, prefetch); });
       row0 += rows;
     }
   }
@@ -816,6 +885,7 @@ T fma_loop(long iterations) {
 template <class T>
 constexpr KernelTable<T> make_table() {
   return {Simd<T>::type::lanes,
+          kMicroRows,
           static_cast<int>(kGemmPanelVectors),
           kBlockM * kMaxBlockK<T>,
           &gemm<T>,
