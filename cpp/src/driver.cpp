@@ -54,6 +54,7 @@ constexpr long kProgressStepWork = 1L << 16;
 // mixed, H=768 (9.4 MiB) +10-35%, H=1024 (16 MiB: W_ih and W_hh fill the 32 MiB L3) +85%; one
 // thread, H=256 (2 MiB) -10%, H=512 (8 MiB) mixed.
 constexpr long kSideProductL2s = 4;
+constexpr long kCacheLineBytes = 64;
 // Up to this much of W_hh a thread, a step's last panels are still in L1 (32-48 KiB) when the next
 // step starts on them.
 constexpr long kL1Reuse = 128 << 10;
@@ -248,10 +249,13 @@ void forward(const std::shared_ptr<const PackedLayer<T>>& layer, const Sequences
   // computed in shares during the block before it (StepForwardArgs::side_x), where the steps'
   // stream of W_hh leaves the FMA units half idle, instead of by a GEMM before the steps; a GEMM
   // computes the first block. Its stream of W_ih competes with W_hh's for the caches: it pays
-  // while a thread's share of both is at most kSideProductL2s times its L2.
+  // while a thread's share of both is at most kSideProductL2s times its L2, and only with vectors
+  // of a whole cache line (AVX-512): with 32-byte vectors (AVX2), two steps of a block each fetch
+  // the same lines of W_ih for half of them (LSTM T150 H256 at B=1: 1.19-1.37 -> 1.46-1.76 ms).
   const long weight_share_bytes =
       static_cast<long>((p.w_ih.size() + p.w_hh.size()) * sizeof(T)) / threads;
   const bool side_product = batch == 1 && !batch_split && !projected &&
+                            L.lanes * static_cast<long>(sizeof(T)) >= kCacheLineBytes &&
                             weight_share_bytes <= kSideProductL2s * l2_cache_bytes();
   const long side_block = std::max<long>(k.micro_rows, L.gates * L.panel_vectors);
   // Hidden split without a projection: a step needs the other threads' part of h_{t-1} only for
