@@ -480,47 +480,34 @@ def test_matches_torch_eval_mode(isa, kind, rng):
         back(fm, np.zeros_like(out))
 
 
-@requires_torch
-@pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("kind", KINDS)
-def test_matches_torch_eval_batch_one(isa, kind, threads, rng, restore_threads):
-    """Eval forwards at batch 1, where the input projection of each block of steps is computed
-    alongside the block before it, into two blocks of gates in turn, and the reverse direction
-    reads x backwards in place: 2 layers, bidirectional, a partial last block, and long enough
-    steps (H=232) that two threads run them whole."""
-    dtype = np.float32
-    fastrnn.set_num_threads(threads)
-    tm, fm = make_pair(kind, 40, 232, dtype=dtype, num_layers=2, bidirectional=True)
-    tm.eval()
-    fm.eval()
-    x = rng.standard_normal((23, 1, 40)).astype(dtype)
-    h0, c0 = random_states(fm, rng, 1)
-    with torch.no_grad():
-        hx = torch.from_numpy(h0) if c0 is None else (torch.from_numpy(h0), torch.from_numpy(c0))
-        t_out, t_state = tm(torch.from_numpy(x), hx)
-    out, h_n, c_n = call(fm, x, h0, c0)
-    assert_close(out, t_out.numpy(), dtype, "fwd", "out")
-    assert_close(h_n, (t_state if c0 is None else t_state[0]).numpy(), dtype, "fwd", "h_n")
-    if c0 is not None:
-        assert_close(c_n, t_state[1].numpy(), dtype, "fwd", "c_n")
-
-
 # --------------------------------------------------------------------------- 2. lengths
 
 
+#: (T, B, I, H): long enough that the inputs are projected in several chunks (over 2**20 gate
+#: values); and batch 1, where the input projection of each block of steps is computed alongside
+#: the block before it, into two blocks of gates in turn, with a partial last block and steps long
+#: enough (H=232) that two threads run them whole.
+EVAL_ONE_LENGTH_SHAPES = [(600, 64, 5, 20), (23, 1, 40, 232)]
+
+
 @requires_torch
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", EVAL_ONE_LENGTH_SHAPES, ids=lambda s: "T{}B{}I{}H{}".format(*s))
 @pytest.mark.parametrize("kind", KINDS)
-def test_matches_torch_eval_bidirectional_one_length(isa, kind, rng):
+def test_matches_torch_eval_bidirectional_one_length(
+    isa, kind, shape, threads, rng, restore_threads
+):
     """Eval forwards of sequences of one length, where the reverse direction reads x and writes
     its output in place (no reversed copies) and both directions write into one array: states
-    given, two layers, and long enough that the inputs are projected in several chunks (over
-    2**20 gate values)."""
+    given, two layers."""
+    T, B, IN, H = shape
     dtype = np.float32
-    tm, fm = make_pair(kind, 5, 20, dtype=dtype, num_layers=2, bidirectional=True)
+    fastrnn.set_num_threads(threads)
+    tm, fm = make_pair(kind, IN, H, dtype=dtype, num_layers=2, bidirectional=True)
     tm.eval()
     fm.eval()
-    x = rng.standard_normal((600, 64, 5)).astype(dtype)
-    h0, c0 = random_states(fm, rng, 64)
+    x = rng.standard_normal((T, B, IN)).astype(dtype)
+    h0, c0 = random_states(fm, rng, B)
     with torch.no_grad():
         hx = torch.from_numpy(h0) if c0 is None else (torch.from_numpy(h0), torch.from_numpy(c0))
         t_out, t_state = tm(torch.from_numpy(x), hx)
