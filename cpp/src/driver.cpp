@@ -49,9 +49,9 @@ constexpr long kBatchSplitRows = 32;
 // H=512 at B=16 (2%).
 constexpr long kProgressStepWork = 1L << 16;
 // The side product (batch 1) pays while a thread's share of W_ih and W_hh is at most this many
-// times its L2 (1 MiB here). LSTM inference at B=1, medians of 3 alternating runs against a GEMM
-// before the steps: two threads, H=256 (1 MiB a thread) -10%, H=512 (4 MiB) -5%, H=640 (6.5 MiB)
-// mixed, H=768 (9.4 MiB) +10-35%, H=1024 (16 MiB: W_ih and W_hh fill the 32 MiB L3) +85%; one
+// times its L2 (1 MiB here). LSTM inference at B=1 against a GEMM before the steps, medians of 3
+// alternating runs: two threads, H=256 (1 MiB a thread) -10%, H=512 (4 MiB) -5%, H=640 (6.5 MiB)
+// mixed, H=768 (9.4 MiB) +28%, H=1024 (16 MiB: W_ih and W_hh fill the 32 MiB L3) +90%; one
 // thread, H=256 (2 MiB) -10%, H=512 (8 MiB) mixed.
 constexpr long kSideProductL2s = 4;
 constexpr long kCacheLineBytes = 64;
@@ -261,9 +261,9 @@ void forward(const std::shared_ptr<const PackedLayer<T>>& layer, const Sequences
   // Hidden split without a projection: a step needs the other threads' part of h_{t-1} only for
   // half of its product, so each thread can wait for exactly that (StepProgress), not at a
   // barrier. That pays only for short steps (see kProgressStepWork), and at batch 1 whole steps
-  // with the side product pay more (two threads, medians of 6 alternating runs: LSTM H=96 0.131
-  // -> 0.116 ms, H=128 0.217 -> 0.191-0.217, H=160 0.323 -> 0.290, GRU H=160 0.248 -> 0.228, RNN
-  // H=256 0.205 -> 0.188; T=100).
+  // with the side product pay more (T=100, two threads, medians of 6 alternating runs: LSTM H=96
+  // 0.139 -> 0.118 ms, H=128 0.219 -> 0.217, H=160 0.326 -> 0.293, GRU H=160 0.251 -> 0.230, RNN
+  // H=256 0.206 -> 0.188).
   const bool split_steps = !side_product && !batch_split && !projected && threads > 1 &&
                            batch * G * P <= kProgressStepWork * threads;
   // Training keeps the whole sequence of gates and cell states for backward; inference computes
