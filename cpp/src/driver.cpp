@@ -54,7 +54,6 @@ constexpr long kProgressStepWork = 1L << 16;
 // mixed, H=768 (9.4 MiB) +28%, H=1024 (16 MiB: W_ih and W_hh fill the 32 MiB L3) +90%; one
 // thread, H=256 (2 MiB) -10%, H=512 (8 MiB) mixed.
 constexpr long kSideProductL2s = 4;
-constexpr long kCacheLineBytes = 64;
 // Up to this much of W_hh a thread, a step's last panels are still in L1 (32-48 KiB) when the next
 // step starts on them.
 constexpr long kL1Reuse = 128 << 10;
@@ -255,7 +254,7 @@ void forward(const std::shared_ptr<const PackedLayer<T>>& layer, const Sequences
   const long weight_share_bytes =
       static_cast<long>((p.w_ih.size() + p.w_hh.size()) * sizeof(T)) / threads;
   const bool side_product = batch == 1 && !batch_split && !projected &&
-                            L.lanes * static_cast<long>(sizeof(T)) >= kCacheLineBytes &&
+                            L.lanes * static_cast<long>(sizeof(T)) >= kCacheLine &&
                             weight_share_bytes <= kSideProductL2s * l2_cache_bytes();
   const long side_block = std::max<long>(k.micro_rows, L.gates * L.panel_vectors);
   // Hidden split without a projection: a step needs the other threads' part of h_{t-1} only for
@@ -353,12 +352,12 @@ void forward(const std::shared_ptr<const PackedLayer<T>>& layer, const Sequences
     step.bias = p.bias.data();
     // x's rows of consecutive steps at batch 1 (reversed in place: backwards).
     step.side_x_stride = steps > 1 ? (first_row(1) - first_row(0)) * I : I;
+    if (side_product)  // the first block's x·W_ihᵀ + b; each later block's comes from the steps
+      gemm_panels(k, a_block, std::min(side_block, steps), G, I,
+                  {x + first_row(0) * I, step.side_x_stride, 1}, p.w_ih_panels, panel0, panel1,
+                  GemmOutput<T>{gates, G, p.bias.data()});
     for (long t = 0; t < steps; ++t) {
       if (side_product) {
-        if (t == 0)
-          gemm_panels(k, a_block, std::min(side_block, steps), G, I,
-                      {x + first_row(0) * I, step.side_x_stride, 1}, p.w_ih_panels, panel0, panel1,
-                      GemmOutput<T>{gates, G, p.bias.data()});
         const long next_block = (t / side_block + 1) * side_block;
         step.side_x = next_block < steps ? x + first_row(next_block) * I : nullptr;
         step.side_rows = std::min(side_block, steps - next_block);

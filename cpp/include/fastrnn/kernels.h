@@ -10,6 +10,8 @@
 namespace fastrnn {
 
 enum class Cell : int { rnn_tanh = 0, rnn_relu = 1, lstm = 2, gru = 3 };
+
+constexpr long kCacheLine = 64;  // bytes
 enum class Activation : int { sigmoid = 0, tanh = 1, relu = 2 };
 
 // How a layer's weights are laid out for one ISA.

@@ -133,8 +133,6 @@ struct Prefetch {
   long lines = 0;
 };
 
-constexpr long kCacheLine = 64;
-
 // Block `block` of `blocks`' share of the `bytes` bytes from `data`.
 template <class T>
 FASTRNN_INLINE Prefetch<T> prefetch_share(const T* data, long bytes, long block, long blocks) {
