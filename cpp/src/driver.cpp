@@ -248,15 +248,13 @@ void forward(const std::shared_ptr<const PackedLayer<T>>& layer, const Sequences
   // computed in shares during the block before it (StepForwardArgs::side_x), where the steps'
   // stream of W_hh leaves the FMA units half idle, instead of by a GEMM before the steps; a GEMM
   // computes the first block. Its stream of W_ih competes with W_hh's for the caches: it pays
-  // while a thread's share of both is at most kSideProductL2s times its L2, and only with vectors
-  // of a whole cache line (AVX-512): with 32-byte vectors (AVX2), two steps of a block each fetch
-  // the same lines of W_ih for half of them (LSTM T150 H256 at B=1: 1.19-1.37 -> 1.46-1.76 ms).
+  // while a thread's share of both is at most kSideProductL2s times its L2, and on the ISAs whose
+  // kernels have it (KernelTable::side_block: AVX-512).
   const long weight_share_bytes =
       static_cast<long>((p.w_ih.size() + p.w_hh.size()) * sizeof(T)) / threads;
-  const bool side_product = batch == 1 && !batch_split && !projected &&
-                            L.lanes * static_cast<long>(sizeof(T)) >= kCacheLine &&
+  const long side_block = k.side_block;
+  const bool side_product = side_block > 0 && batch == 1 && !batch_split && !projected &&
                             weight_share_bytes <= kSideProductL2s * l2_cache_bytes();
-  const long side_block = std::max<long>(k.micro_rows, L.gates * L.panel_vectors);
   // Hidden split without a projection: a step needs the other threads' part of h_{t-1} only for
   // half of its product, so each thread can wait for exactly that (StepProgress), not at a
   // barrier. That pays only for short steps (see kProgressStepWork), and at batch 1 whole steps

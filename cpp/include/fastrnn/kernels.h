@@ -110,11 +110,11 @@ struct StepForwardArgs {
   T* partial_sums;  // [batch, gate_stride], the gate buffer's column order
   // The "side product" (batch 1, whole steps): x·W_ihᵀ + b for the next block of steps, computed
   // in shares alongside the recurrent product, whose stream of W_hh from L2 leaves the FMA units
-  // half idle. A block is max(micro_rows, gates * panel_vectors) steps. Step side_phase of a
-  // block computes the gate vectors of its panels whose index (gate column / lanes) is congruent
-  // to side_phase modulo the block, so that the block's steps compute each gate vector once, for
-  // the side_rows rows of side_x [side_rows, input] (row stride side_x_stride, negative when
-  // reversed in place), into side_gates [side_rows, gate_stride]. side_x nullptr: none.
+  // half idle. A block is KernelTable::side_block steps. Step side_phase of a block computes the
+  // gate vectors of its panels whose index (gate column / lanes) is congruent to side_phase modulo
+  // the block, so that the block's steps compute each gate vector once, for the side_rows rows of
+  // side_x [side_rows, input] (row stride side_x_stride, negative when reversed in place), into
+  // side_gates [side_rows, gate_stride]. side_x nullptr: none.
   const T* side_x;
   long side_x_stride;
   long side_rows;
@@ -156,6 +156,7 @@ template <class T>
 struct KernelTable {
   int lanes;
   int micro_rows;            // rows of the micro-kernel
+  int side_block;            // steps in a block of the side product; 0: none on this ISA
   int gemm_panel_vectors;    // vectors per full panel of a generic packed matrix
   long gemm_block_elements;  // size of GemmArgs::a_block
   void (*gemm)(const GemmArgs<T>&);

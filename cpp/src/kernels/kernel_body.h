@@ -246,12 +246,14 @@ FASTRNN_INLINE void multiply_panel_with_side(long k_count, const typename V::val
   for (long k = both; k < side_k; ++k) input(k);
 }
 
-// Steps in a block of the side product (StepForwardArgs::side_x) of panels of NV gate vectors:
-// as many as the micro-kernel's rows, so that the side makes as many FMAs per load of W_ih as the
-// GEMM would (and at least NV, so that a panel has at most one gate vector a step).
-template <int NV>
-constexpr int side_block_rows() {
-  return NV > kMicroRows ? NV : kMicroRows;
+// Steps in a block of the side product (StepForwardArgs::side_x): the micro-kernel's rows, so that
+// the side makes as many FMAs per load of W_ih as the GEMM would (no fewer than a panel's gate
+// vectors, so that a panel computes at most one of them a step). 0 where it does not pay: with
+// vectors smaller than a cache line (AVX2's 32 bytes), two steps of a block each fetch the same
+// lines of W_ih for half of them (LSTM T150 H256 at B=1, two threads: 1.19-1.37 -> 1.46-1.76 ms).
+template <class T>
+constexpr int side_block_steps() {
+  return Simd<T>::type::lanes * static_cast<long>(sizeof(T)) >= kCacheLine ? kMicroRows : 0;
 }
 
 // Calls body.template operator()<MR_, NV_>() with compile-time micro-kernel sizes.
@@ -602,7 +604,7 @@ void run_step_forward(const StepForwardArgs<typename V::value_type>& args) {
       if constexpr (SR > 0) {
         // The panel's share of the side product: its gate vector whose index is congruent to the
         // step's phase, modulo the block (over a block's steps, every gate vector once), if any.
-        constexpr long block = side_block_rows<NV>();
+        constexpr long block = side_block_steps<T>();
         const long v = ((s.side_phase - p * NV) % block + block) % block;
         if (v < NV) {
           V side[SR];
@@ -646,11 +648,14 @@ void run_step_forward(const StepForwardArgs<typename V::value_type>& args) {
   // Up to MR rows run every panel in one call of the row-count dispatch: a call per panel costs
   // 3% of a batch-1 LSTM step at H=128 in set-up. More rows: panel by panel, so that all row
   // blocks use a panel while it is in cache.
-  if (args.side_x) {
-    with_rows<side_block_rows<NV>()>(args.side_rows, [&]<int SR>() {
-      panels.template operator()<1, SR>(0, args.panel_begin, args.panel_end, {});
-    });
-    return;
+  if constexpr (side_block_steps<T>() > 0) {
+    static_assert(side_block_steps<T>() >= NV, "a panel's gate vectors take a step each");
+    if (args.side_x) {
+      with_rows<side_block_steps<T>()>(args.side_rows, [&]<int SR>() {
+        panels.template operator()<1, SR>(0, args.panel_begin, args.panel_end, {});
+      });
+      return;
+    }
   }
   if (args.batch <= MR) {
     with_rows<MR>(args.batch, [&]<int R>() {
@@ -884,6 +889,7 @@ template <class T>
 constexpr KernelTable<T> make_table() {
   return {Simd<T>::type::lanes,
           kMicroRows,
+          side_block_steps<T>(),
           static_cast<int>(kGemmPanelVectors),
           kBlockM * kMaxBlockK<T>,
           &gemm<T>,
