@@ -41,8 +41,9 @@ CASES = [
     Case(17, 33, 2, 3, bias=False, batch_first=True),
     Case(5, 7, None, 4),
     Case(9, 16, None, 3, bias=False),
-    # GEMMs of up to 6 k (inputs; rows, in the weight gradients) run row by row, more blocked:
-    # 6 inputs and rows, then 7, with H = 33 for partial vectors and a narrower last panel.
+    # The C++ GEMMs run row by row up to 6 k and blocked from 7 (k is the input size for x·W_ihᵀ
+    # and the rows, T·B, for the weight gradients): 6 inputs and rows, then 7. H = 33 makes
+    # partial vectors and a narrower last panel.
     Case(6, 33, 2, 3),
     Case(7, 33, 7, 1, bias=False),
 ]

@@ -317,7 +317,7 @@ constexpr long kPackAhead = 4;
 // than the tile's few FMAs. One core, C 512 x 128 with rows scattered as a weight gradient's,
 // medians: K = 1 13.7-15.1 us blocked, 4.8-5.0 row by row; K = 4 16.4 and 9.2; K = 6 18.5 and
 // 11.4; K = 7 19.7 and 19.8. An LSTMCell training step at H=128 (two threads): 35 to 25 us.
-constexpr long kRowByRowMaxK = 6;
+constexpr int kRowByRowMaxK = 6;
 
 template <class V, int K>
 void gemm_row_by_row(const GemmArgs<typename V::value_type>& args) {
@@ -335,7 +335,7 @@ void gemm_row_by_row(const GemmArgs<typename V::value_type>& args) {
     FASTRNN_UNROLL
     for (int k = 0; k < K; ++k) a_i[k] = V::set1(g.a.data[i * g.a.row_stride + k * g.a.col_stride]);
     for (long col0 = 0; col0 < g.n; col0 += b.panel_width) {
-      // Row k of the panel at `panel` + k * width (its columns past n are padding).
+      // Row k of the panel at `panel` + k * width; C takes its first n columns.
       const long width = min_long(b.panel_width, b.cols - col0), n = min_long(width, g.n - col0);
       const T* const panel = b.data + col0 * b.rows;
       const auto add_products = [&](long j, V sum) FASTRNN_LAMBDA_INLINE {
