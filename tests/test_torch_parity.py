@@ -41,11 +41,11 @@ CASES = [
     Case(17, 33, 2, 3, bias=False, batch_first=True),
     Case(5, 7, None, 4),
     Case(9, 16, None, 3, bias=False),
-    # The C++ GEMMs run row by row up to 6 k and blocked from 7 (k is the input size for x·W_ihᵀ
-    # and the rows, T·B, for the weight gradients): 6 inputs and rows, then 7. H = 33 makes
+    # The C++ GEMMs run row by row up to 8 k and blocked from 9 (k is the input size for x·W_ihᵀ
+    # and the rows, T·B, for the weight gradients): 8 inputs and rows, then 9. H = 33 makes
     # partial vectors and a narrower last panel.
-    Case(6, 33, 2, 3),
-    Case(7, 33, 7, 1, bias=False),
+    Case(8, 33, 2, 4),
+    Case(9, 33, 9, 1, bias=False),
 ]
 
 

@@ -256,10 +256,11 @@ constexpr int side_block_steps() {
   return Simd<T>::type::lanes * static_cast<long>(sizeof(T)) >= kCacheLine ? kMicroRows : 0;
 }
 
-// Calls body.template operator()<MR_, NV_>() with compile-time micro-kernel sizes.
+// Calls body.template operator()<R>() with R = rows (1 to MR) known at compile time: a block of
+// the micro-kernel's rows, a side block's steps, a small GEMM's k.
 template <int MR, class Body>
 FASTRNN_INLINE void with_rows(long rows, Body&& body) {
-  static_assert(MR <= 6, "extend with_rows for larger micro-kernels");
+  static_assert(MR <= 8, "extend with_rows for larger blocks");
   switch (rows) {
     case 1: body.template operator()<1>(); break;
     case 2:
@@ -276,6 +277,12 @@ FASTRNN_INLINE void with_rows(long rows, Body&& body) {
       break;
     case 6:
       if constexpr (MR >= 6) body.template operator()<6>();
+      break;
+    case 7:
+      if constexpr (MR >= 7) body.template operator()<7>();
+      break;
+    case 8:
+      if constexpr (MR >= 8) body.template operator()<8>();
       break;
     default: break;
   }
@@ -316,8 +323,9 @@ constexpr long kPackAhead = 4;
 // few input features), row by row of C: the blocked path's set-up of each tile of C costs more
 // than the tile's few FMAs. One core, C 512 x 128 with rows scattered as a weight gradient's,
 // medians: K = 1 13.7-15.1 us blocked, 4.8-5.0 row by row; K = 4 16.4 and 9.2; K = 6 18.5 and
-// 11.4; K = 7 19.7 and 19.8. An LSTMCell training step at H=128 (two threads): 35 to 25 us.
-constexpr int kRowByRowMaxK = 6;
+// 11.4; K = 8 21.4 and 16.4 (C 2048 x 512: 347 and 242). An LSTMCell training step at H=128
+// (two threads): 35 to 25 us.
+constexpr int kRowByRowMaxK = 8;
 
 template <class V, int K>
 void gemm_row_by_row(const GemmArgs<typename V::value_type>& args) {
