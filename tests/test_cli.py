@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+
+import pytest
 
 import fastrnn
 
@@ -81,3 +84,23 @@ def test_table_reports_the_shares_of_the_limits():
     )
     rows = table.split("| case |", 1)[1]
     assert bench.SGEMM.name not in rows and bench.FMA_LIMIT.name not in rows  # notes, not rows
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads /proc")
+def test_bench_waits_until_the_other_libraries_are_idle():
+    # A library's thread pool spinning after its call would slow the next library's timing.
+    from fastrnn import bench
+
+    busy = "import time\nend = time.time() + 0.6\nwhile time.time() < end: pass"
+    spinning = subprocess.Popen([sys.executable, "-c", busy])
+    idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        waited = bench.wait_until_idle([spinning.pid, idle.pid], pause=0.05, limit=5.0)
+        assert 0.4 < waited < 4.0  # until the spinning process ended
+        spinning.wait(timeout=10)
+        assert bench.wait_until_idle([idle.pid], pause=0.05, limit=5.0) < 2.0
+        assert bench.wait_until_idle([idle.pid], pause=0.05, limit=0.0) < 1.0  # the limit holds
+    finally:
+        for process in (spinning, idle):
+            process.kill()
+            process.wait()

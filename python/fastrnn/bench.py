@@ -1,8 +1,8 @@
 """Benchmark cases and runners: fastrnn against its NumPy reference, torch.nn and ONNX Runtime.
 
 ``python -m fastrnn bench`` runs every library in a worker process of its own (started once),
-interleaves the repetitions of the libraries case by case and pauses between libraries, so one
-library's spinning thread pool never runs while another is timed. The pytest-benchmark suite in
+interleaves the repetitions of the libraries case by case and, between libraries, waits until
+every worker is idle, so one library's spinning thread pool never runs while another is timed. The pytest-benchmark suite in
 ``bench/`` uses the same cases and runners.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import subprocess
 import sys
 import time
@@ -470,6 +471,39 @@ class Worker:
         self.process.wait(timeout=60)
 
 
+def _cpu_seconds(pids: list[int]) -> float | None:
+    """CPU time so far of all the threads of the processes (Linux), or None without /proc."""
+    total = 0
+    try:
+        for pid in pids:
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{task}/schedstat") as stats:
+                    total += int(stats.read().split()[0])  # nanoseconds on a CPU
+    except (OSError, ValueError, IndexError):
+        return None
+    return total / 1e9
+
+
+def wait_until_idle(pids: list[int], pause: float, limit: float = 1.0) -> float:
+    """Sleeps until the processes together stay idle (under 2% of a core) for `pause` seconds,
+    or about `limit` seconds have passed; returns the seconds waited.
+
+    Thread pools keep spinning after a call: OpenBLAS's (the NumPy reference's matrix products)
+    for about 0.1 s, which a fixed 0.05 s pause left running during the next library's timing.
+    Without /proc this is a plain pause."""
+    start = time.perf_counter()
+    before = _cpu_seconds(pids)
+    while True:
+        time.sleep(pause)
+        after = _cpu_seconds(pids)
+        if before is None or after is None or after - before < 0.02 * pause:
+            break
+        if time.perf_counter() - start > limit:
+            break
+        before = after
+    return time.perf_counter() - start
+
+
 def run_benchmarks(
     cases: tuple[Case, ...] = CASES,
     modes: tuple[str, ...] = MODES,
@@ -505,7 +539,8 @@ def run_benchmarks(
                 for lib in todo:
                     if lib in errors:
                         continue
-                    time.sleep(pause)  # the previous library's pool stops spinning
+                    # Waits until the previous library's thread pool stops spinning.
+                    wait_until_idle([w.process.pid for w in workers.values()], pause)
                     answer = workers[lib].measure(case, mode, threads, repeat)
                     if "error" in answer:
                         errors[lib] = answer["error"]
