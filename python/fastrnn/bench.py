@@ -2,8 +2,8 @@
 
 ``python -m fastrnn bench`` runs every library in a worker process of its own (started once),
 interleaves the repetitions of the libraries case by case and, between libraries, waits until
-every worker is idle, so one library's spinning thread pool never runs while another is timed. The pytest-benchmark suite in
-``bench/`` uses the same cases and runners.
+every worker is idle, so one library's spinning thread pool never runs while another is timed.
+The pytest-benchmark suite in ``bench/`` uses the same cases and runners.
 """
 
 from __future__ import annotations
