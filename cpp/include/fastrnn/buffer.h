@@ -10,9 +10,11 @@
 
 namespace fastrnn {
 
-// 64-byte aligned memory. Large blocks are recycled: a training step or a repack after an
-// optimizer step allocates the same sizes again, and fresh pages from the kernel (zeroed on the
-// first touch) cost more than the work on them (buffer.cpp). Throws std::bad_alloc.
+// 64-byte aligned memory for `bytes` bytes. Large blocks are recycled: a training step or a repack
+// after an optimizer step allocates the same sizes again, and fresh pages from the kernel (zeroed
+// on the first touch) cost more than the work on them (buffer.cpp). In AddressSanitizer builds
+// every block is exactly `bytes` long and fresh, so that an access past its end is reported.
+// Throws std::bad_alloc.
 void* allocate_aligned(std::size_t bytes);
 void release_aligned(void* data, std::size_t bytes) noexcept;
 
@@ -39,7 +41,7 @@ class AlignedBuffer {
     release();
     if (count == 0) return;
     if (count > (std::numeric_limits<std::size_t>::max() - 63) / sizeof(T)) throw std::bad_alloc();
-    data_ = static_cast<T*>(allocate_aligned(bytes_of(count)));
+    data_ = static_cast<T*>(allocate_aligned(count * sizeof(T)));
     size_ = count;
   }
   void zero() {
@@ -50,9 +52,8 @@ class AlignedBuffer {
   std::size_t size() const { return size_; }
 
  private:
-  static std::size_t bytes_of(std::size_t count) { return (count * sizeof(T) + 63) / 64 * 64; }
   void release() {
-    if (data_) release_aligned(data_, bytes_of(size_));
+    if (data_) release_aligned(data_, size_ * sizeof(T));
     data_ = nullptr;
     size_ = 0;
   }
