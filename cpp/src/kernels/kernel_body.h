@@ -13,6 +13,7 @@
 #endif
 
 #include <cstring>
+#include <utility>
 
 #include "fastrnn/kernels.h"
 
@@ -256,47 +257,26 @@ constexpr int side_block_steps() {
   return Simd<T>::type::lanes * static_cast<long>(sizeof(T)) >= kCacheLine ? kMicroRows : 0;
 }
 
-// Calls body.template operator()<R>() with R = rows (1 to MR) known at compile time: a block of
-// the micro-kernel's rows, a side block's steps, a small GEMM's k.
-template <int MR, class Body>
-FASTRNN_INLINE void with_rows(long rows, Body&& body) {
-  static_assert(MR <= 8, "extend with_rows for larger blocks");
-  switch (rows) {
-    case 1: body.template operator()<1>(); break;
-    case 2:
-      if constexpr (MR >= 2) body.template operator()<2>();
-      break;
-    case 3:
-      if constexpr (MR >= 3) body.template operator()<3>();
-      break;
-    case 4:
-      if constexpr (MR >= 4) body.template operator()<4>();
-      break;
-    case 5:
-      if constexpr (MR >= 5) body.template operator()<5>();
-      break;
-    case 6:
-      if constexpr (MR >= 6) body.template operator()<6>();
-      break;
-    case 7:
-      if constexpr (MR >= 7) body.template operator()<7>();
-      break;
-    case 8:
-      if constexpr (MR >= 8) body.template operator()<8>();
-      break;
-    default: break;
-  }
+// Calls body.template operator()<N>() with N = count (1 to Max) known at compile time; nothing for
+// any other count.
+template <int Max, class Body>
+FASTRNN_INLINE void with_count(long count, Body&& body) {
+  [&]<int... N>(std::integer_sequence<int, N...>) FASTRNN_LAMBDA_INLINE {
+    (void)((count == N + 1 && (body.template operator()<N + 1>(), true)) || ...);
+  }(std::make_integer_sequence<int, Max>{});
 }
 
+// Rows known at compile time: a block of the micro-kernel's rows, a side block's steps, a small
+// GEMM's k.
+template <int MR, class Body>
+FASTRNN_INLINE void with_rows(long rows, Body&& body) {
+  with_count<MR>(rows, body);
+}
+
+// A panel's vectors (up to 4: a generic panel, or an LSTM's gates) known at compile time.
 template <class Body>
 FASTRNN_INLINE void with_vectors(long vectors, Body&& body) {
-  switch (vectors) {
-    case 1: body.template operator()<1>(); break;
-    case 2: body.template operator()<2>(); break;
-    case 3: body.template operator()<3>(); break;
-    case 4: body.template operator()<4>(); break;
-    default: break;
-  }
+  with_count<4>(vectors, body);
 }
 
 // ---------------------------------------------------------------------------------------------
