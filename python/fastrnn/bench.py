@@ -518,6 +518,7 @@ def run_benchmarks(
     FMA units' limit: the best sample), with every sample under "samples"."""
     libraries = tuple(lib for lib in libraries if library_available(lib))
     workers = {lib: Worker(lib) for lib in libraries}
+    worker_pids = [worker.process.pid for worker in workers.values()]
     results = []
     try:
         jobs = [
@@ -540,7 +541,7 @@ def run_benchmarks(
                     if lib in errors:
                         continue
                     # Waits until the previous library's thread pool stops spinning.
-                    wait_until_idle([w.process.pid for w in workers.values()], pause)
+                    wait_until_idle(worker_pids, pause)
                     answer = workers[lib].measure(case, mode, threads, repeat)
                     if "error" in answer:
                         errors[lib] = answer["error"]
