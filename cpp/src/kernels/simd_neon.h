@@ -1,5 +1,7 @@
 // AArch64 NEON vectors for the kernel body; semantics as documented in simd_avx512.h.
-// min/max are written as compare + select (not vminq/vmaxq) to keep the x86 NaN rule.
+// min/max are FMIN/FMAX: a NaN in b propagates, and a denormal comes out as zero under FPCR.FZ,
+// as x86's under DAZ (a compare + select would pass relu(-1e-41) through, below zero). They
+// differ from x86 only for a NaN in a, which the kernels never pass (their a is a constant).
 #pragma once
 #include <arm_neon.h>
 
@@ -30,8 +32,8 @@ struct F32x4 {
   friend F32x4 operator*(F32x4 a, F32x4 b) { return {vmulq_f32(a.v, b.v)}; }
   friend F32x4 operator/(F32x4 a, F32x4 b) { return {vdivq_f32(a.v, b.v)}; }
   friend F32x4 fma(F32x4 a, F32x4 b, F32x4 c) { return {vfmaq_f32(c.v, a.v, b.v)}; }
-  friend F32x4 min(F32x4 a, F32x4 b) { return {vbslq_f32(vcltq_f32(a.v, b.v), a.v, b.v)}; }
-  friend F32x4 max(F32x4 a, F32x4 b) { return {vbslq_f32(vcgtq_f32(a.v, b.v), a.v, b.v)}; }
+  friend F32x4 min(F32x4 a, F32x4 b) { return {vminq_f32(a.v, b.v)}; }
+  friend F32x4 max(F32x4 a, F32x4 b) { return {vmaxq_f32(a.v, b.v)}; }
   friend F32x4 abs(F32x4 a) { return {vabsq_f32(a.v)}; }
   friend F32x4 copysign(F32x4 mag, F32x4 sgn) {
     return {vbslq_f32(vdupq_n_u32(0x80000000u), sgn.v, mag.v)};
@@ -70,8 +72,8 @@ struct F64x2 {
   friend F64x2 operator*(F64x2 a, F64x2 b) { return {vmulq_f64(a.v, b.v)}; }
   friend F64x2 operator/(F64x2 a, F64x2 b) { return {vdivq_f64(a.v, b.v)}; }
   friend F64x2 fma(F64x2 a, F64x2 b, F64x2 c) { return {vfmaq_f64(c.v, a.v, b.v)}; }
-  friend F64x2 min(F64x2 a, F64x2 b) { return {vbslq_f64(vcltq_f64(a.v, b.v), a.v, b.v)}; }
-  friend F64x2 max(F64x2 a, F64x2 b) { return {vbslq_f64(vcgtq_f64(a.v, b.v), a.v, b.v)}; }
+  friend F64x2 min(F64x2 a, F64x2 b) { return {vminq_f64(a.v, b.v)}; }
+  friend F64x2 max(F64x2 a, F64x2 b) { return {vmaxq_f64(a.v, b.v)}; }
   friend F64x2 abs(F64x2 a) { return {vabsq_f64(a.v)}; }
   friend F64x2 copysign(F64x2 mag, F64x2 sgn) {
     return {vbslq_f64(vdupq_n_u64(0x8000000000000000ull), sgn.v, mag.v)};

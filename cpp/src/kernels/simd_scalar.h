@@ -5,6 +5,8 @@
 #include <cstring>
 #if defined(__SSE2__)
 #include <emmintrin.h>  // part of the x86-64 baseline
+#elif defined(__aarch64__)
+#include <arm_neon.h>  // part of the AArch64 baseline
 #endif
 
 namespace fastrnn {
@@ -29,8 +31,10 @@ struct Lane {
   friend Lane operator*(Lane a, Lane b) { return {a.v * b.v}; }
   friend Lane operator/(Lane a, Lane b) { return {a.v / b.v}; }
   friend Lane fma(Lane a, Lane b, Lane c) { return {a.v * b.v + c.v}; }
-  // On x86 the SSE instructions, so denormal operands (seen as 0 under DAZ) and NaN behave as in
-  // the SIMD ISAs, and the compiler cannot turn the clamps into branches it constant-folds.
+  // The SSE instructions on x86 and FMIN/FMAX on AArch64, so that denormal operands (seen as 0
+  // under DAZ or FZ) and NaN behave as in the SIMD ISAs, and the compiler cannot turn the clamps
+  // into branches it constant-folds: it folds without the flush (AArch64 with a ?: clamp:
+  // sigmoid(-90) = 6e-39, a denormal, from a constant; relu(-1e-41) = -1e-41).
   friend Lane min(Lane a, Lane b) { return {min_of(a.v, b.v)}; }
   friend Lane max(Lane a, Lane b) { return {max_of(a.v, b.v)}; }
   friend Lane abs(Lane a) { return {from_bits(bits(a.v) & ~sign_bit())}; }
@@ -64,7 +68,20 @@ struct Lane {
   static double max_of(double a, double b) {
     return _mm_cvtsd_f64(_mm_max_sd(_mm_set_sd(a), _mm_set_sd(b)));
   }
-#else
+#elif defined(__aarch64__)
+  static float min_of(float a, float b) {
+    return vget_lane_f32(vmin_f32(vdup_n_f32(a), vdup_n_f32(b)), 0);
+  }
+  static float max_of(float a, float b) {
+    return vget_lane_f32(vmax_f32(vdup_n_f32(a), vdup_n_f32(b)), 0);
+  }
+  static double min_of(double a, double b) {
+    return vget_lane_f64(vmin_f64(vdup_n_f64(a), vdup_n_f64(b)), 0);
+  }
+  static double max_of(double a, double b) {
+    return vget_lane_f64(vmax_f64(vdup_n_f64(a), vdup_n_f64(b)), 0);
+  }
+#else  // no flush-to-zero here (FlushDenormalsScope): a compare and select behaves the same
   static T min_of(T a, T b) { return a < b ? a : b; }
   static T max_of(T a, T b) { return a > b ? a : b; }
 #endif
