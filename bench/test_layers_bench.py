@@ -1,12 +1,13 @@
 """pytest-benchmark suite over fastrnn.bench's cases: one group per case and mode.
 
-Each library gets a pause before it is timed so the previous library's thread pool stops
-spinning; for strictly separate processes use ``python -m fastrnn bench``.
+Before each library is timed, the suite waits until the process's other threads (the previous
+library's thread pool) have stopped spinning; for strictly separate processes use
+``python -m fastrnn bench``.
 """
 
 from __future__ import annotations
 
-import time
+import os
 
 import pytest
 
@@ -29,6 +30,6 @@ def test_layer(benchmark, case, mode, library, threads):
     run = cases.RUNNERS[library](case, mode, threads)
     benchmark.group = f"{case.name} {mode}"
     benchmark.extra_info["gflop"] = case.flops(mode) / 1e9
-    time.sleep(0.2)  # the previous library's workers go idle
+    cases.wait_until_idle([os.getpid()], pause=0.05)  # this thread sleeps meanwhile
     run()  # warm-up: packing, allocation, library initialisation
     benchmark.pedantic(run, rounds=15, iterations=1, warmup_rounds=2)
