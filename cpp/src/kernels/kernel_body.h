@@ -425,15 +425,25 @@ void gemm(const GemmArgs<T>& g) {
                 prefetch_share(next_panel, next_bytes, r0 / MR, row_blocks);
             // The last block runs only its real rows (a single row is common: batch 1).
             with_rows<MR>(min_long(MR, mc - r0), [&]<int R>() {
+              // The tile's parameters as locals and its loops over rows unrolled: the SIMD
+              // stores may alias anything, so captured variables were reloaded after every
+              // store of C, and the accumulators went through the stack (one core, C 2048 x 512,
+              // fastest of 300 calls: K = 100 1977 -> 1892 us, K = 50 1070 -> 986).
+              T* const c = g.c + col0;
+              const long ldc = g.ldc, cols = g.n - col0;
+              const T* const bias = !accumulate && g.bias ? g.bias + col0 : nullptr;
+              const bool add_c = accumulate;
+              long c_rows[R];
+              FASTRNN_UNROLL
+              for (int r = 0; r < R; ++r) c_rows[r] = c_row_index(m0 + r0 + r);
               // Fetch this tile of C while the FMAs run: a weight gradient's rows (scattered
               // by c_row_of, megabytes in all) are rarely in cache, and a miss stalls the update.
-              for (long r = 0; r < R; ++r) {
-                const long c_index = c_row_index(m0 + r0 + r);
-                if (c_index < 0) continue;
+              FASTRNN_UNROLL
+              for (int r = 0; r < R; ++r) {
+                if (c_rows[r] < 0) continue;
                 FASTRNN_UNROLL
                 for (int v = 0; v < NV; ++v)
-                  if (col0 + v * W < g.n)
-                    __builtin_prefetch(g.c + c_index * g.ldc + col0 + v * W, 1);
+                  if (v * W < cols) __builtin_prefetch(c + c_rows[r] * ldc + v * W, 1);
               }
               V acc[R][NV];
               if (packed_a)
@@ -441,19 +451,19 @@ void gemm(const GemmArgs<T>& g) {
               else
                 multiply_panel<V, R, NV>(kc, g.a.data + (m0 + r0) * g.a.row_stride + k0,
                                          g.a.row_stride, 1, panel, acc, prefetch);
-              for (long r = 0; r < R; ++r) {
-                const long c_index = c_row_index(m0 + r0 + r);
-                if (c_index < 0) continue;
-                T* c_row = g.c + c_index * g.ldc + col0;
+              FASTRNN_UNROLL
+              for (int r = 0; r < R; ++r) {
+                if (c_rows[r] < 0) continue;
+                T* const c_row = c + c_rows[r] * ldc;
                 FASTRNN_UNROLL
                 for (int v = 0; v < NV; ++v) {
-                  const long n = min_long(W, g.n - col0 - v * W);
+                  const long n = min_long(W, cols - v * W);
                   if (n <= 0) break;
                   V out = acc[r][v];
-                  if (accumulate)
+                  if (add_c)
                     out = out + load_first<V>(c_row + v * W, n);
-                  else if (g.bias)
-                    out = out + load_first<V>(g.bias + col0 + v * W, n);
+                  else if (bias)
+                    out = out + load_first<V>(bias + v * W, n);
                   store_first(c_row + v * W, out, n);
                 }
               }
