@@ -81,7 +81,7 @@ struct Lane {
   static double max_of(double a, double b) {
     return vget_lane_f64(vmax_f64(vdup_n_f64(a), vdup_n_f64(b)), 0);
   }
-#else  // no flush-to-zero here (FlushDenormalsScope): a compare and select behaves the same
+#else  // elsewhere FlushDenormalsScope flushes nothing, so a compare and select is exact
   static T min_of(T a, T b) { return a < b ? a : b; }
   static T max_of(T a, T b) { return a > b ? a : b; }
 #endif
