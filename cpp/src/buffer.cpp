@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <mutex>
 #include <new>
 #include <vector>
@@ -39,20 +40,29 @@ Cache& cache() {
   return *instance;
 }
 
-// Under AddressSanitizer every block is exactly as long as asked for and fresh (no rounding,
-// padding or reuse), so that its redzone starts right after the last byte and an access past the
-// end is reported. GCC defines __SANITIZE_ADDRESS__; clang has __has_feature.
+// Under AddressSanitizer, or with FASTRNN_EXACT_BUFFERS=1 in the environment (for valgrind's
+// memcheck), every block is exactly as long as asked for and fresh (no rounding, padding or
+// reuse), so that the first byte past its end is outside the allocation and an access there is
+// reported. GCC defines __SANITIZE_ADDRESS__; clang has __has_feature.
 #if defined(__SANITIZE_ADDRESS__)
-constexpr bool kExactBlocks = true;
+constexpr bool kSanitized = true;
 #elif defined(__has_feature)
 #if __has_feature(address_sanitizer)
-constexpr bool kExactBlocks = true;
+constexpr bool kSanitized = true;
 #else
-constexpr bool kExactBlocks = false;
+constexpr bool kSanitized = false;
 #endif
 #else
-constexpr bool kExactBlocks = false;
+constexpr bool kSanitized = false;
 #endif
+
+bool exact_blocks() {
+  static const bool exact = [] {
+    const char* value = std::getenv("FASTRNN_EXACT_BUFFERS");
+    return kSanitized || (value && *value && std::strcmp(value, "0") != 0);
+  }();
+  return exact;
+}
 
 // Whole cache lines: the cache matches blocks by these sizes.
 std::size_t line_multiple(std::size_t bytes) { return (bytes + 63) / 64 * 64; }
@@ -60,7 +70,7 @@ std::size_t line_multiple(std::size_t bytes) { return (bytes + 63) / 64 * 64; }
 }  // namespace
 
 void* allocate_aligned(std::size_t bytes) {
-  if (kExactBlocks) {
+  if (exact_blocks()) {
     void* exact = nullptr;
     if (posix_memalign(&exact, 64, bytes) != 0) throw std::bad_alloc();
     return exact;
@@ -99,7 +109,7 @@ void* allocate_aligned(std::size_t bytes) {
 }
 
 void release_aligned(void* data, std::size_t bytes) noexcept {
-  if (kExactBlocks) {
+  if (exact_blocks()) {
     std::free(data);
     return;
   }

@@ -13,7 +13,8 @@ namespace fastrnn {
 // 64-byte aligned memory for `bytes` bytes. Large blocks are recycled: a training step or a repack
 // after an optimizer step allocates the same sizes again, and fresh pages from the kernel (zeroed
 // on the first touch) cost more than the work on them (buffer.cpp). In AddressSanitizer builds
-// every block is exactly `bytes` long and fresh, so that an access past its end is reported.
+// (or with FASTRNN_EXACT_BUFFERS=1) every block is exactly `bytes` long and fresh, so that an
+// access past its end is reported.
 // Throws std::bad_alloc.
 void* allocate_aligned(std::size_t bytes);
 void release_aligned(void* data, std::size_t bytes) noexcept;
