@@ -1,10 +1,11 @@
 """Every C++ entry point of fastrnn, round after round, for the memory tests (test_memory.py).
 
-Run as a script: ``python memory_workload.py ROUNDS [WARMUP]``. It runs WARMUP rounds, then
-ROUNDS more, and prints the ISA and the resident set size (bytes) after each phase:
+Run as a script: ``python memory_workload.py ROUNDS [WARMUP [torch]]``. It runs WARMUP rounds,
+then ROUNDS more, and prints the ISA and the resident set size (bytes) after each phase:
 ``isa avx512``, ``rss-after-warmup N``, ``rss-after-rounds N``. A round covers the layers (every
 option, training and inference, lengths, batch 0, a repack), the cells, the functional forms and
-calls that raise, on one and two threads, in float32 and float64.
+calls that raise, on one and two threads, in float32 and float64; with ``torch``, training steps
+of fastrnn.torch's layers (padded and packed input, an optimizer step) instead.
 """
 
 from __future__ import annotations
@@ -84,6 +85,26 @@ def failing_calls() -> None:
         raise AssertionError("a bad call did not raise")
 
 
+def torch_training_steps() -> None:
+    import torch
+
+    import fastrnn.torch
+
+    # Larger than the layers' calls: what a forward keeps for its backward is ~1 MiB here.
+    steps, batch, inputs, hidden = 20, 8, 16, 64
+    x = torch.randn(steps, batch, inputs)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, [steps] + [steps // 2] * (batch - 1))
+    for cls in (fastrnn.torch.LSTM, fastrnn.torch.GRU, fastrnn.torch.RNN):
+        layer = cls(inputs, hidden, num_layers=2, bidirectional=True)
+        optimizer = torch.optim.SGD(layer.parameters(), lr=0.01)
+        for data in (x, packed):
+            out = layer(data)[0]
+            loss = (out.data if isinstance(out, torch.nn.utils.rnn.PackedSequence) else out).sum()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()  # the next forward repacks
+
+
 def run_round(rng: np.random.Generator) -> None:
     for threads in (1, 2):
         fastrnn.set_num_threads(threads)
@@ -101,12 +122,13 @@ def main() -> None:
     rounds = int(sys.argv[1])
     warmup = int(sys.argv[2]) if len(sys.argv) > 2 else 0
     rng = np.random.default_rng(0)
+    one_round = torch_training_steps if sys.argv[3:] == ["torch"] else lambda: run_round(rng)
     print("isa", fastrnn.active_isa(), flush=True)
     for _ in range(warmup):
-        run_round(rng)
+        one_round()
     print("rss-after-warmup", resident_bytes(), flush=True)
     for _ in range(rounds):
-        run_round(rng)
+        one_round()
     print("rss-after-rounds", resident_bytes(), flush=True)
 
 
