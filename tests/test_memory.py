@@ -60,25 +60,29 @@ def _why_no_resident_size() -> str | None:
     return None
 
 
-@pytest.mark.skipif(_why_no_resident_size() is not None, reason=str(_why_no_resident_size()))
+NO_RESIDENT_SIZE = _why_no_resident_size()
+
+
+def _assert_no_growth(report: dict[str, str]) -> None:
+    growth = int(report["rss-after-rounds"]) - int(report["rss-after-warmup"])
+    assert growth < 2 << 20, f"resident memory grew by {growth >> 10} KiB over 40 rounds"
+
+
+@pytest.mark.skipif(NO_RESIDENT_SIZE is not None, reason=str(NO_RESIDENT_SIZE))
 @pytest.mark.parametrize("isa", ISAS)
 def test_memory_does_not_grow_over_many_calls(isa):
     # About 28 000 calls into the C++ module after the warm-up: 2 KiB leaked on each forward call
     # (3 400 of them) added 8 MiB here, while the resident size otherwise moves by a few hundred
     # KiB. Smaller leaks land in malloc's free chunks, already resident: memcheck finds those.
-    report = _report(_start(isa, "40", "5"), isa)
-    growth = int(report["rss-after-rounds"]) - int(report["rss-after-warmup"])
-    assert growth < 2 << 20, f"resident memory grew by {growth >> 10} KiB over 40 rounds"
+    _assert_no_growth(_report(_start(isa, "40", "5"), isa))
 
 
-@pytest.mark.skipif(_why_no_resident_size() is not None, reason=str(_why_no_resident_size()))
+@pytest.mark.skipif(NO_RESIDENT_SIZE is not None, reason=str(NO_RESIDENT_SIZE))
 def test_torch_adapter_memory_does_not_grow_over_training_steps():
     pytest.importorskip("torch")
     # 240 training steps after the warm-up, 2 layers bidirectional: holding on to each forward's
     # outputs added 218 MiB here; the resident size otherwise moves by a few hundred KiB.
-    report = _report(_start(ISAS[0], "40", "5", "torch"), ISAS[0])
-    growth = int(report["rss-after-rounds"]) - int(report["rss-after-warmup"])
-    assert growth < 2 << 20, f"resident memory grew by {growth >> 10} KiB over 40 rounds"
+    _assert_no_growth(_report(_start(ISAS[0], "40", "5", "torch"), ISAS[0]))
 
 
 def _why_no_memcheck() -> str | None:
@@ -91,8 +95,11 @@ def _why_no_memcheck() -> str | None:
     return None
 
 
+NO_MEMCHECK = _why_no_memcheck()
+
+
 # Valgrind emulates no AVX-512: the AddressSanitizer build checks it (README, Development).
-@pytest.mark.skipif(_why_no_memcheck() is not None, reason=str(_why_no_memcheck()))
+@pytest.mark.skipif(NO_MEMCHECK is not None, reason=str(NO_MEMCHECK))
 @pytest.mark.parametrize("isa", [isa for isa in ISAS if isa != "avx512"])
 def test_memcheck_finds_no_invalid_access_or_leak(isa, tmp_path):
     logs = {rounds: tmp_path / f"rounds{rounds}.log" for rounds in (1, 2)}
