@@ -2,10 +2,13 @@
 #include "fastrnn/buffer.h"
 
 #include <pthread.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <mutex>
 #include <new>
 #include <vector>
@@ -40,10 +43,14 @@ Cache& cache() {
   return *instance;
 }
 
-// Under AddressSanitizer, or with FASTRNN_EXACT_BUFFERS=1 in the environment (for valgrind's
-// memcheck), every block is exactly as long as asked for and fresh (no rounding, padding or
-// reuse), so that the first byte past its end is outside the allocation and an access there is
-// reported. GCC defines __SANITIZE_ADDRESS__; clang has __has_feature.
+// How blocks are allocated: pooled (small ones from malloc, large ones from the cache above), or
+// for the memory checks (README, Development) one of two ways. Under AddressSanitizer, or with
+// FASTRNN_EXACT_BUFFERS=1 in the environment (for valgrind's memcheck), every block is exactly as
+// long as asked for and fresh (no rounding, padding or reuse), so that the first byte past its end
+// is outside the allocation and an access there is reported. With FASTRNN_GUARD_BUFFERS=1, every
+// block ends where a page with no access begins, so that a read or write past its end faults at
+// once in any build, on every ISA (valgrind emulates no AVX-512). GCC defines
+// __SANITIZE_ADDRESS__; clang has __has_feature.
 #if defined(__SANITIZE_ADDRESS__)
 constexpr bool kSanitized = true;
 #elif defined(__has_feature)
@@ -56,12 +63,50 @@ constexpr bool kSanitized = false;
 constexpr bool kSanitized = false;
 #endif
 
-bool exact_blocks() {
-  static const bool exact = [] {
-    const char* value = std::getenv("FASTRNN_EXACT_BUFFERS");
-    return kSanitized || (value && *value && std::strcmp(value, "0") != 0);
-  }();
-  return exact;
+enum class Blocks { pooled, exact, guarded };
+
+bool env_flag(const char* name) {
+  const char* value = std::getenv(name);
+  return value && *value && std::strcmp(value, "0") != 0;
+}
+
+Blocks blocks() {
+  static const Blocks mode = kSanitized                          ? Blocks::exact
+                             : env_flag("FASTRNN_GUARD_BUFFERS") ? Blocks::guarded
+                             : env_flag("FASTRNN_EXACT_BUFFERS") ? Blocks::exact
+                                                                 : Blocks::pooled;
+  return mode;
+}
+
+std::size_t page_size() {
+  static const auto size = static_cast<std::size_t>(sysconf(_SC_PAGESIZE));
+  return size;
+}
+
+// Pages for `bytes`, then the guard page. Blocks end at the guard, so they are aligned only as
+// their size allows (the kernels use unaligned loads and stores).
+std::size_t guarded_data_pages(std::size_t bytes) {
+  return (bytes + page_size() - 1) / page_size();
+}
+
+void* allocate_guarded(std::size_t bytes) {
+  const std::size_t page = page_size();
+  if (bytes > std::numeric_limits<std::size_t>::max() - 2 * page) throw std::bad_alloc();
+  const std::size_t mapped = (guarded_data_pages(bytes) + 1) * page;
+  void* start = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (start == MAP_FAILED) throw std::bad_alloc();
+  char* guard = static_cast<char*>(start) + mapped - page;
+  if (mprotect(guard, page, PROT_NONE) != 0) {
+    munmap(start, mapped);
+    throw std::bad_alloc();
+  }
+  return guard - bytes;
+}
+
+void release_guarded(void* data, std::size_t bytes) noexcept {
+  char* guard = static_cast<char*>(data) + bytes;
+  const std::size_t data_bytes = guarded_data_pages(bytes) * page_size();
+  munmap(guard - data_bytes, data_bytes + page_size());
 }
 
 // Whole cache lines: the cache matches blocks by these sizes.
@@ -70,7 +115,8 @@ std::size_t line_multiple(std::size_t bytes) { return (bytes + 63) / 64 * 64; }
 }  // namespace
 
 void* allocate_aligned(std::size_t bytes) {
-  if (exact_blocks()) {
+  if (blocks() == Blocks::guarded) return allocate_guarded(bytes);
+  if (blocks() == Blocks::exact) {
     void* exact = nullptr;
     if (posix_memalign(&exact, 64, bytes) != 0) throw std::bad_alloc();
     return exact;
@@ -109,7 +155,11 @@ void* allocate_aligned(std::size_t bytes) {
 }
 
 void release_aligned(void* data, std::size_t bytes) noexcept {
-  if (exact_blocks()) {
+  if (blocks() == Blocks::guarded) {
+    release_guarded(data, bytes);
+    return;
+  }
+  if (blocks() == Blocks::exact) {
     std::free(data);
     return;
   }

@@ -14,7 +14,8 @@ namespace fastrnn {
 // after an optimizer step allocates the same sizes again, and fresh pages from the kernel (zeroed
 // on the first touch) cost more than the work on them (buffer.cpp). In AddressSanitizer builds
 // (or with FASTRNN_EXACT_BUFFERS=1) every block is exactly `bytes` long and fresh, so that an
-// access past its end is reported.
+// access past its end is reported; with FASTRNN_GUARD_BUFFERS=1 every block ends at a page with
+// no access (and is aligned only as its size allows), so that such an access faults.
 // Throws std::bad_alloc.
 void* allocate_aligned(std::size_t bytes);
 void release_aligned(void* data, std::size_t bytes) noexcept;
