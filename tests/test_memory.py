@@ -50,6 +50,10 @@ def _preloaded(runtime: str) -> bool:
     return runtime in os.environ.get("LD_PRELOAD", "")
 
 
+def _sanitizer_preloaded() -> bool:
+    return _preloaded("libasan") or _preloaded("libtsan")
+
+
 def _why_no_resident_size() -> str | None:
     if not Path("/proc/self/statm").exists():
         return "reads /proc/self/statm"
@@ -90,7 +94,7 @@ def test_torch_adapter_memory_does_not_grow_over_training_steps():
 def _why_no_memcheck() -> str | None:
     if shutil.which("valgrind") is None:
         return "valgrind is not installed"
-    if _preloaded("libasan") or _preloaded("libtsan"):
+    if _sanitizer_preloaded():
         return "valgrind cannot run a process with a sanitizer's runtime"
     if _interpreter_is_script():
         return "the interpreter is a script (.ci/neon's QEMU wrapper): valgrind would check that"
@@ -144,7 +148,7 @@ GUARDED_TESTS = ("test_layers.py", "test_options.py", "test_bad_input.py", "test
 
 
 def _why_no_guard_pages() -> str | None:
-    if _preloaded("libasan") or _preloaded("libtsan"):
+    if _sanitizer_preloaded():
         return "the sanitizer build checks every access itself"
     if _interpreter_is_script():
         # The NEON kernels share the templated body, and so its tails, with the x86-64 ones.
