@@ -619,6 +619,110 @@ def test_deepcopy_and_pickle():
     assert torch.equal(fast(x)[0].detach(), expected)  # the original is untouched
 
 
+# Tracers (torch.jit.trace and the ONNX export built on it, torch.compile, torch.export) get
+# torch's own operator, silently: fastrnn's C++ call is invisible to them, and torch.jit.trace
+# recorded its outputs and the weights as constants (its check then failed on a second run).
+TRACED_OPERATOR = {"LSTM": "aten::lstm", "GRU": "aten::gru", "RNN": "aten::rnn_tanh"}
+
+
+def _fast_and_plain(kind: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    torch.manual_seed(0)
+    fast = getattr(ft, kind)(3, 4, num_layers=2, bidirectional=True)
+    plain = getattr(torch.nn, kind)(3, 4, num_layers=2, bidirectional=True)
+    plain.load_state_dict(fast.state_dict())
+    return fast, plain
+
+
+def _halve_w_hh(*modules: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for m in modules:
+            m.weight_hh_l0.mul_(0.5)
+
+
+def _without_torchs_tracing_notices(test):
+    """torch's own notices, as for torch.nn's modules: TorchScript's deprecation, the tracer's
+    note on Python values in torch.nn.RNNBase's checks, and torch.export's note that it assigns
+    its list of weights."""
+    for spec in (
+        "ignore:`torch.jit.",  # trace, trace_method and script are deprecated
+        "ignore:The feature will be removed",
+        "ignore:You are using the legacy TorchScript-based ONNX export",
+        "ignore::torch.jit.TracerWarning",
+        "ignore:The tensor attributes self._flat_weights",
+    ):
+        test = pytest.mark.filterwarnings(spec)(test)
+    return test
+
+
+@_without_torchs_tracing_notices
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_jit_trace_records_torchs_operator_reading_the_parameters(kind):
+    fast, plain = _fast_and_plain(kind)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ft.FastRNNFallbackWarning)  # a silent fallback
+        traced = torch.jit.trace(fast, torch.randn(5, 2, 3))  # and its check of a second run
+    assert TRACED_OPERATOR[kind] in str(traced.graph)
+    _halve_w_hh(fast, plain)  # the trace reads the parameters, not copies of them
+    x = torch.randn(7, 2, 3)
+    assert_close(traced(x)[0].detach(), plain(x)[0].detach(), np.float32, "fwd", kind)
+    assert_close(fast(x)[0].detach(), plain(x)[0].detach(), np.float32, "fwd", kind)
+
+
+@_without_torchs_tracing_notices
+@pytest.mark.filterwarnings("ignore:Exporting a model to ONNX with a batch_size other than 1")
+def test_onnx_export_runs_in_onnx_runtime(tmp_path):
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    fast, plain = _fast_and_plain("LSTM")
+    path = str(tmp_path / "lstm.onnx")
+    torch.onnx.export(fast, (torch.randn(5, 2, 3),), path, dynamo=False, input_names=["x"])
+    x = torch.randn(5, 2, 3)
+    out = ort.InferenceSession(path).run(None, {"x": x.numpy()})[0]
+    assert_close(out, plain(x)[0].detach().numpy(), np.float32, "fwd", "ONNX Runtime")
+
+
+@_without_torchs_tracing_notices
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_torch_export_records_torchs_operator(kind):
+    fast, plain = _fast_and_plain(kind)
+    exported = torch.export.export(fast, (torch.randn(5, 2, 3),)).module()
+    assert TRACED_OPERATOR[kind].replace("::", ".") in str(exported.graph)
+    x = torch.randn(5, 2, 3)  # the shapes it was exported with
+    assert_close(exported(x)[0].detach(), plain(x)[0].detach(), np.float32, "fwd", kind)
+
+
+@_without_torchs_tracing_notices
+def test_torch_compile_runs_fastrnn_between_its_graphs(monkeypatch):
+    """Dynamo runs torch.nn's RNN modules outside its graphs: there, fastrnn's kernels."""
+    torch.manual_seed(0)
+    plain = Tagger()
+    model = ft.patch(copy.deepcopy(plain))
+    calls = []
+    numpy_forward = ft._numpy_forward
+    monkeypatch.setattr(
+        ft, "_numpy_forward", lambda *a, **k: calls.append(1) or numpy_forward(*a, **k)
+    )
+    compiled = torch.compile(model, backend="aot_eager")  # AOTAutograd, no C++ compiler run
+    x = torch.randn(2, 5, 6, requires_grad=True)
+    x_plain = x.detach().clone().requires_grad_(True)
+    out, expected = compiled(x), plain(x_plain)
+    assert len(calls) == 2  # the encoder and the decoder
+    assert_close(out.detach(), expected.detach(), np.float32, "fwd", "torch.compile")
+    out.pow(2).sum().backward()
+    expected.pow(2).sum().backward()
+    assert_close(x.grad, x_plain.grad, np.float32, "grad", "dx")
+    for (name, a), b in zip(model.named_parameters(), plain.parameters()):
+        assert_close(a.grad, b.grad, np.float32, "grad", name)
+
+
+@_without_torchs_tracing_notices
+def test_jit_script_raises_a_clear_error():
+    with pytest.raises(
+        TypeError, match=r"torch.jit.script cannot compile fastrnn.torch.GRU.*nn.GRU"
+    ):
+        torch.jit.script(ft.GRU(3, 4))
+
+
 def test_importing_fastrnn_does_not_import_torch():
     import subprocess
     import sys

@@ -22,7 +22,12 @@ What runs where:
   ``nonlinearity``): fastrnn, through one ``torch.autograd.Function`` per call.
 * Anything else (other devices or dtypes, autocast, ``vmap`` / ``torch.func`` transforms, tensor
   subclasses): torch's own implementation, with a :class:`FastRNNFallbackWarning` once per module.
-  Under ``torch.compile`` tracing it is torch's own implementation, silently.
+* Under ``torch.compile``: fastrnn. Dynamo does not trace torch.nn's recurrent modules; it runs
+  their calls between its compiled graphs, and leaves this module's call whole.
+* Under an exporter or tracer (``torch.export``, ``torch.jit.trace`` and so the TorchScript-based
+  ``torch.onnx.export``): torch's own implementation, silently, so that the exported graph holds
+  torch's RNN operator reading the module's parameters, as it would for torch.nn.
+  ``torch.jit.script`` raises a TypeError: TorchScript cannot compile a call into fastrnn.
 
 Weights: each module keeps a private fastrnn layer (one per weight dtype) that reads the
 parameters without copying them and packs them lazily. Before each forward every Parameter's
@@ -107,6 +112,7 @@ def _run_on_torch_threads() -> None:
 _run_on_torch_threads()
 
 _is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)
+_is_tracing = torch._C._is_tracing
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: False)
 _has_torch_function = torch._C._has_torch_function
 _functorch = getattr(torch._C, "_functorch", None)
@@ -314,6 +320,17 @@ class _FastRNNMixin:
         super().__setstate__(state)  # type: ignore[misc]
         self.__dict__["_fastrnn"] = _Adapter()
 
+    def __prepare_scriptable__(self) -> Any:
+        # torch.jit.script calls this first; it would otherwise fail to compile forward with an
+        # error about a type annotation.
+        base = next(c.__name__ for c in type(self).__mro__ if c in (nn.LSTM, nn.GRU, nn.RNN))
+        raise TypeError(
+            f"torch.jit.script cannot compile {type(self).__module__}.{type(self).__name__}: its "
+            "forward calls fastrnn's C++ kernels. torch.jit.trace, torch.compile and torch.export "
+            f"work (they record torch's own operator), or script a torch.nn.{base} that loads "
+            "this module's state_dict."
+        )
+
     def repack_weights(self) -> None:
         """Repack every parameter on the next forward (needed only after writes that bypass
         torch's version counter, e.g. through ``param.data`` or a NumPy view)."""
@@ -321,6 +338,10 @@ class _FastRNNMixin:
 
     # -- dispatch -----------------------------------------------------------------------------
 
+    # torch.compile's Dynamo does not trace torch.nn's RNN modules: it runs their calls between
+    # its graphs, but would still compile each function such a call makes, where fastrnn would
+    # see itself compiled and fall back to torch. So Dynamo must leave the whole call alone.
+    @torch.compiler.disable(recursive=True)
     def forward(self, input: Any, hx: Any = None) -> Any:
         weights = self._flat_weights
         params = self._parameters  # type: ignore[attr-defined]
@@ -378,7 +399,10 @@ class _FastRNNMixin:
 
     def _unsupported(self, x: Any, hx: Any, weights: list[Any]) -> str | None:
         """None when fastrnn can run this call; else why not ("" for a silent fallback)."""
-        if _is_compiling() or not isinstance(x, torch.Tensor):
+        # A tracer (torch.export, AOTAutograd, torch.jit.trace and so torch.onnx.export) cannot
+        # see into fastrnn's C++ call: torch.jit.trace would record its outputs, and the weights,
+        # as constants. Torch's own operator traces with the module's parameters as inputs.
+        if _is_compiling() or _is_tracing() or not isinstance(x, torch.Tensor):
             return ""
         if not x.is_cpu:
             return f"the input is on {x.device}"
