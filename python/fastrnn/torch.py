@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 import warnings
 from typing import Any
 
@@ -275,6 +276,9 @@ class _RNNFunction(torch.autograd.Function):
         )
 
 
+_forward_outside_dynamo: Any = None  # _FastRNNMixin._forward wrapped by torch.compiler.disable
+
+
 class _FastRNNMixin:
     """The forward shared by LSTM, GRU and RNN; everything else is torch.nn's RNNBase."""
 
@@ -338,11 +342,19 @@ class _FastRNNMixin:
 
     # -- dispatch -----------------------------------------------------------------------------
 
-    # torch.compile's Dynamo does not trace torch.nn's RNN modules: it runs their calls between
-    # its graphs, but would still compile each function such a call makes, where fastrnn would
-    # see itself compiled and fall back to torch. So Dynamo must leave the whole call alone.
-    @torch.compiler.disable(recursive=True)
     def forward(self, input: Any, hx: Any = None) -> Any:
+        # torch.compile's Dynamo does not trace torch.nn's RNN modules: it runs their calls
+        # between its graphs, but would still compile each function such a call makes, where
+        # fastrnn would see itself compiled and fall back to torch. So Dynamo must leave the whole
+        # call alone; torch.compiler.disable imports Dynamo (1 s), so only once something has.
+        if "torch._dynamo" not in sys.modules:
+            return self._forward(input, hx)
+        global _forward_outside_dynamo
+        if _forward_outside_dynamo is None:
+            _forward_outside_dynamo = torch.compiler.disable(_FastRNNMixin._forward, recursive=True)
+        return _forward_outside_dynamo(self, input, hx)
+
+    def _forward(self, input: Any, hx: Any) -> Any:
         weights = self._flat_weights
         params = self._parameters  # type: ignore[attr-defined]
         for name, weight in zip(self._flat_weights_names, weights):
