@@ -36,14 +36,14 @@ LIBRARIES = ["fastrnn.torch", "torch.nn"]
 
 
 class CompiledModel(torch.nn.Module):
+    """What torch.compile gets: the LSTM between two layers that Dynamo puts in its graphs."""
+
     def __init__(self, lstm: torch.nn.LSTM) -> None:
         super().__init__()
         hidden = lstm.hidden_size
-        self.embed, self.lstm, self.head = (
-            torch.nn.Linear(hidden, hidden),
-            lstm,
-            torch.nn.Linear(hidden, hidden),
-        )
+        self.embed = torch.nn.Linear(hidden, hidden)
+        self.lstm = lstm
+        self.head = torch.nn.Linear(hidden, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.lstm(torch.relu(self.embed(x)))[0])

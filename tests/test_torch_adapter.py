@@ -619,9 +619,10 @@ def test_deepcopy_and_pickle():
     assert torch.equal(fast(x)[0].detach(), expected)  # the original is untouched
 
 
-# Tracers (torch.jit.trace and the ONNX export built on it, torch.compile, torch.export) get
+# Exporters and tracers (torch.jit.trace and the ONNX export built on it, torch.export) get
 # torch's own operator, silently: fastrnn's C++ call is invisible to them, and torch.jit.trace
 # recorded its outputs and the weights as constants (its check then failed on a second run).
+# torch.compile runs fastrnn between its graphs.
 TRACED_OPERATOR = {"LSTM": "aten::lstm", "GRU": "aten::gru", "RNN": "aten::rnn_tanh"}
 
 

@@ -330,9 +330,9 @@ class _FastRNNMixin:
         base = next(c.__name__ for c in type(self).__mro__ if c in (nn.LSTM, nn.GRU, nn.RNN))
         raise TypeError(
             f"torch.jit.script cannot compile {type(self).__module__}.{type(self).__name__}: its "
-            "forward calls fastrnn's C++ kernels. torch.jit.trace, torch.compile and torch.export "
-            f"work (they record torch's own operator), or script a torch.nn.{base} that loads "
-            "this module's state_dict."
+            "forward calls fastrnn's C++ kernels. torch.compile runs them; torch.jit.trace and "
+            "torch.export record torch's own operator; or script a "
+            f"torch.nn.{base} that loads this module's state_dict."
         )
 
     def repack_weights(self) -> None:
