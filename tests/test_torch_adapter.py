@@ -634,12 +634,6 @@ def _fast_and_plain(kind: str) -> tuple[torch.nn.Module, torch.nn.Module]:
     return fast, plain
 
 
-def _halve_w_hh(*modules: torch.nn.Module) -> None:
-    with torch.no_grad():
-        for m in modules:
-            m.weight_hh_l0.mul_(0.5)
-
-
 def _without_torchs_tracing_notices(test):
     """torch's own notices, as for torch.nn's modules: TorchScript's deprecation, the tracer's
     note on Python values in torch.nn.RNNBase's checks, and torch.export's note that it assigns
@@ -663,7 +657,9 @@ def test_jit_trace_records_torchs_operator_reading_the_parameters(kind):
         warnings.simplefilter("error", ft.FastRNNFallbackWarning)  # a silent fallback
         traced = torch.jit.trace(fast, torch.randn(5, 2, 3))  # and its check of a second run
     assert TRACED_OPERATOR[kind] in str(traced.graph)
-    _halve_w_hh(fast, plain)  # the trace reads the parameters, not copies of them
+    with torch.no_grad():  # the trace reads the parameters, not copies of them
+        fast.weight_hh_l0.mul_(0.5)
+        plain.weight_hh_l0.mul_(0.5)
     x = torch.randn(7, 2, 3)
     assert_close(traced(x)[0].detach(), plain(x)[0].detach(), np.float32, "fwd", kind)
     assert_close(fast(x)[0].detach(), plain(x)[0].detach(), np.float32, "fwd", kind)
