@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import fastrnn
-from conftest import DTYPE_IDS, DTYPES, assert_close
+from conftest import DTYPE_IDS, DTYPES, ISAS, assert_close
 
 try:
     import torch
@@ -380,7 +380,9 @@ THREADED_CASES = [
 ]
 
 
-def run_case(case, dtype, rng):
+def run_case(case, dtype, rng, also_eval=False):
+    """torch's and fastrnn's training forward and backward of ``case``; ``also_eval``: then an
+    eval-mode forward of the layer, against torch's outputs."""
     tm, fm = make_pair(case.kind, case.IN, case.H, dtype=dtype, seed=7, **case.options)
     assert list(fm.state_dict()) == list(tm.state_dict())
     lstm = is_lstm(case.kind)
@@ -418,6 +420,12 @@ def run_case(case, dtype, rng):
         if name in actual:
             assert actual[name].dtype == np.dtype(dtype), name
     compare(actual, expected, dtype)
+    if also_eval:
+        fm.eval()
+        out, h_n, c_n = call(fm, x, h0 if case.hx else None, c0 if case.hx else None, lengths)
+        for name, value in (("out", out), ("h_n", h_n), ("c_n", c_n)):
+            if name in expected:
+                assert_close(value, expected[name], dtype, "fwd", f"eval {name}")
 
 
 def test_cases_cover_every_combination():
@@ -448,6 +456,75 @@ def two_threads():
 @pytest.mark.parametrize("case", THREADED_CASES, ids=[c.id for c in THREADED_CASES])
 def test_matches_torch_threaded(isa, case, dtype, rng, two_threads):
     run_case(case, dtype, rng)
+
+
+#: The multiply-adds of a random case's forward (layers x directions x T x B x H x (I + H)) are
+#: at most this: up to about 0.5 s for torch's float64 training on one thread.
+RANDOM_CASE_WORK = 6 * 10**7
+
+
+def random_case(rng):
+    """A Case with every option drawn at random, at sizes that reach the kernels' paths: odd
+    sizes (SIMD tails); batch 1 with hidden sizes on both sides of where 2 threads run whole steps
+    with the next block's input projection alongside (an LSTM from H = 177); batches that 2
+    threads split (64 rows or more); lengths, where the active rows shrink step by step."""
+    kind = str(rng.choice(KINDS))
+    form = str(rng.choice(["padded", "unbatched", "lengths", "lengths0"]))
+    num_layers = int(rng.integers(1, 4))
+    bidirectional = bool(rng.integers(2))
+    hidden = int(rng.integers(177, 261) if rng.integers(2) else rng.integers(2, 41))
+    input_size = int(rng.integers(1, 81))
+    if form == "unbatched":
+        batch = 1
+    else:  # make_lengths keeps sequences of length 1 and T, and with lengths0 one of length 0
+        batch = int(rng.choice([rng.integers(3, 21), rng.integers(64, 81)]))
+    per_step = num_layers * (2 if bidirectional else 1) * batch * hidden * (input_size + hidden)
+    steps = int(rng.integers(1, max(1, min(12, RANDOM_CASE_WORK // per_step)) + 1))
+    return Case(
+        kind,
+        num_layers,
+        bidirectional,
+        bool(rng.integers(2)),
+        bool(rng.integers(2)),
+        bool(rng.integers(2)),
+        form,
+        str(rng.choice(["all", "out", "state"])),
+        IN=input_size,
+        H=hidden,
+        B=batch,
+        T=steps,
+    )
+
+
+#: (case, dtype, ISA, threads): the same cases on every run; every combination of dtype, ISA
+#: and thread count recurs.
+RANDOM_CASES = [
+    (
+        random_case(np.random.default_rng([2026, i])),
+        DTYPES[i % 2],
+        ISAS[i // 2 % len(ISAS)],
+        1 + i // 4 % 2,
+    )
+    for i in range(64)
+]
+
+
+@requires_torch
+@pytest.mark.parametrize(
+    "case, dtype, isa_name, threads",
+    RANDOM_CASES,
+    ids=[f"{c.id}-{np.dtype(d).name}-{i}-t{t}" for c, d, i, t in RANDOM_CASES],
+)
+def test_random_cases_match_torch(case, dtype, isa_name, threads, rng, restore_threads):
+    """Every option at random sizes, on every ISA, on 1 and 2 threads: training forward and
+    backward, then an eval forward, against torch."""
+    previous = fastrnn.active_isa()
+    fastrnn._core._set_isa(isa_name)
+    fastrnn.set_num_threads(threads)
+    try:
+        run_case(case, dtype, rng, also_eval=True)
+    finally:
+        fastrnn._core._set_isa(previous)
 
 
 @requires_torch
