@@ -19,7 +19,7 @@ from test_layers import make_hx, make_layer, run_layer, run_reference, x_shape
     suppress_health_check=[HealthCheck.too_slow],
 )
 @given(
-    kind=st.sampled_from(["lstm", "rnn_tanh", "rnn_relu"]),
+    kind=st.sampled_from(["lstm", "gru", "rnn_tanh", "rnn_relu"]),
     isa=st.sampled_from(ISAS),
     dtype=st.sampled_from([np.float32, np.float64]),
     steps=st.integers(1, 6),

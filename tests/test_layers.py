@@ -1,4 +1,5 @@
-"""fastrnn.LSTM / fastrnn.RNN against the NumPy reference, and the layer API contract."""
+"""fastrnn.LSTM / fastrnn.GRU / fastrnn.RNN against the NumPy reference, and the layer API
+contract."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import fastrnn
 from conftest import DTYPE_IDS, DTYPES, assert_close, rel_err, tol
 from fastrnn import reference as R
 
-KINDS = ["lstm", "rnn_tanh", "rnn_relu"]
+KINDS = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
 PARAM_NAMES = ["weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"]
 REF_GRAD_NAMES = {
     "weight_ih_l0": "weight_ih",
@@ -29,13 +30,15 @@ REF_GRAD_NAMES = {
 def make_layer(kind, input_size, hidden_size, dtype=np.float32, seed=0, **kwargs):
     if kind == "lstm":
         return fastrnn.LSTM(input_size, hidden_size, dtype=dtype, seed=seed, **kwargs)
+    if kind == "gru":
+        return fastrnn.GRU(input_size, hidden_size, dtype=dtype, seed=seed, **kwargs)
     return fastrnn.RNN(
         input_size, hidden_size, nonlinearity=kind[4:], dtype=dtype, seed=seed, **kwargs
     )
 
 
 def gate_count(kind):
-    return 4 if kind == "lstm" else 1
+    return {"lstm": 4, "gru": 3}.get(kind, 1)
 
 
 def x_shape(T, B, IN, batch_first=False, unbatched=False):
@@ -129,6 +132,15 @@ def run_reference(
             p.get("bias_ih_l0"),
             p.get("bias_hh_l0"),
         )
+    elif kind == "gru":
+        out, h_n, cache = R.gru_forward(
+            xt,
+            cast_state(hx),
+            p["weight_ih_l0"],
+            p["weight_hh_l0"],
+            p.get("bias_ih_l0"),
+            p.get("bias_hh_l0"),
+        )
     else:
         out, h_n, cache = R.rnn_forward(
             xt,
@@ -158,6 +170,8 @@ def run_reference(
         gh, gc = (None, None) if grad_state is None else grad_state
         g = R.lstm_backward(cache, gout, cast_grad_state(gh), cast_grad_state(gc))
         res["dc0"] = state_from_ref(g["c0"], unbatched)
+    elif kind == "gru":
+        g = R.gru_backward(cache, gout, cast_grad_state(grad_state))
     else:
         g = R.rnn_backward(cache, gout, cast_grad_state(grad_state))
     res["dx"] = from_time_major(g["x"], batch_first, unbatched)
@@ -415,10 +429,10 @@ def test_train_eval_modes(kind, rng):
     assert layer.training is True
 
 
-@pytest.mark.parametrize("kind", KINDS + ["gru"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_eval_mode_packs_the_forward_alone(kind, rng):
     """Eval mode packs no backward copies of the weights; training mode adds them, once."""
-    layer = fastrnn.GRU(3, 4, seed=0) if kind == "gru" else make_layer(kind, 3, 4)
+    layer = make_layer(kind, 3, 4)
     x = rng.standard_normal((5, 2, 3)).astype(np.float32)
     expected = layer.eval()(x)[0]
     inference_pack = layer._packed["l0"]
@@ -715,7 +729,7 @@ def test_seed_none_is_random():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("kind", ["lstm", "rnn_tanh"])
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
 def test_long_sequence(isa, kind, dtype, rng):
     T, B, IN, H = 2000, 2, 16, 32
     layer = make_layer(kind, IN, H, dtype, seed=11)
@@ -762,7 +776,7 @@ BATCH_ONE_SHAPES = [(17, 20, 20), (40, 9, 33), (50, 200, 16), (33, 128, 128), (1
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("kind", KINDS + ["gru"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("shape", BATCH_ONE_SHAPES, ids=lambda s: "T{}I{}H{}".format(*s))
 def test_batch_one_inference_matches_training_forward(
     isa, shape, kind, dtype, threads, rng, restore_threads
@@ -771,10 +785,7 @@ def test_batch_one_inference_matches_training_forward(
     forward in both directions, with h0 given and zero."""
     T, IN, H = shape
     fastrnn.set_num_threads(threads)
-    if kind == "gru":
-        layer = fastrnn.GRU(IN, H, bidirectional=True, dtype=dtype, seed=3)
-    else:
-        layer = make_layer(kind, IN, H, dtype, seed=3, bidirectional=True)
+    layer = make_layer(kind, IN, H, dtype, seed=3, bidirectional=True)
     x = rng.standard_normal((T, 1, IN)).astype(dtype)
     h0 = rng.standard_normal((2, 1, H)).astype(dtype)
     for hx in (None, (h0, 0.5 * h0) if kind == "lstm" else h0):
@@ -786,11 +797,11 @@ def test_batch_one_inference_matches_training_forward(
                     assert_close(g, w, dtype, "fwd", part)
             else:
                 assert_close(got, want, dtype, "fwd", name)
-    if kind != "gru":  # and the reference, for one direction
-        single = make_layer(kind, IN, H, dtype, seed=3).eval()
-        hx = make_hx(kind, rng, 1, H, dtype)
-        got = run_layer(single, kind, x, hx, backward=False)
-        compare(got, run_reference(kind, single.state_dict(), x, hx, backward=False), dtype)
+    # and the reference, for one direction
+    single = make_layer(kind, IN, H, dtype, seed=3).eval()
+    hx = make_hx(kind, rng, 1, H, dtype)
+    got = run_layer(single, kind, x, hx, backward=False)
+    compare(got, run_reference(kind, single.state_dict(), x, hx, backward=False), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
 
 import numpy as np
 
-from . import LSTM, RNN, __version__, _core, reference
+from . import GRU, LSTM, RNN, __version__, _core, reference
 from . import bench as benchmarks
 
 
@@ -27,7 +28,8 @@ def _rel_err(got: np.ndarray, want: np.ndarray) -> float:
 
 
 def self_check(isa: str, dtype: np.dtype) -> float:
-    """Largest relative error of a small LSTM and ReLU RNN (outputs, all gradients) vs reference."""
+    """Largest relative error of a small LSTM, GRU and ReLU RNN (outputs, all gradients) against
+    the reference."""
     rng = np.random.default_rng(0)
     steps, batch, inputs, hidden = 7, 3, 13, 37
     x = rng.standard_normal((steps, batch, inputs)).astype(dtype)
@@ -44,14 +46,25 @@ def self_check(isa: str, dtype: np.dtype) -> float:
         ref = reference.lstm_backward(cache, grad_out)
         errors += [_rel_err(out, ref_out), _rel_err(dx, ref["x"])]
         errors += [_rel_err(lstm.grads[k], ref[k[:-3]]) for k in p]
-        rnn = RNN(inputs, hidden, nonlinearity="relu", dtype=dtype, seed=2)
-        out, _ = rnn(x)
-        dx, _ = rnn.backward(grad_out)
-        p = rnn.state_dict()
-        ref_out, _, cache = reference.rnn_forward(x, None, *p.values(), nonlinearity="relu")
-        ref = reference.rnn_backward(cache, grad_out)
-        errors += [_rel_err(out, ref_out), _rel_err(dx, ref["x"])]
-        errors += [_rel_err(rnn.grads[k], ref[k[:-3]]) for k in p]
+        for layer, forward, backward in (
+            (
+                GRU(inputs, hidden, dtype=dtype, seed=3),
+                reference.gru_forward,
+                reference.gru_backward,
+            ),
+            (
+                RNN(inputs, hidden, nonlinearity="relu", dtype=dtype, seed=2),
+                functools.partial(reference.rnn_forward, nonlinearity="relu"),
+                reference.rnn_backward,
+            ),
+        ):
+            out, _ = layer(x)
+            dx, _ = layer.backward(grad_out)
+            p = layer.state_dict()
+            ref_out, _, cache = forward(x, None, *p.values())
+            ref = backward(cache, grad_out)
+            errors += [_rel_err(out, ref_out), _rel_err(dx, ref["x"])]
+            errors += [_rel_err(layer.grads[k], ref[k[:-3]]) for k in p]
     finally:
         _core._set_isa(previous)
     return max(errors)
@@ -67,7 +80,7 @@ def info() -> int:
         f"threads: {_core.get_num_threads()} (usable cores: {_usable_cores()}; FASTRNN_NUM_THREADS)"
     )
     print(f"L2 cache: {_core._l2_cache_bytes() >> 10} KiB per core")
-    print("self-check against fastrnn.reference (LSTM and ReLU RNN, forward and all gradients):")
+    print("self-check against fastrnn.reference (LSTM, GRU, ReLU RNN; forward, all gradients):")
     tolerances = {np.dtype(np.float32): 2e-4, np.dtype(np.float64): 1e-9}
     ok = True
     for isa in _core.available_isas():
