@@ -132,24 +132,16 @@ def run_reference(
             p.get("bias_ih_l0"),
             p.get("bias_hh_l0"),
         )
-    elif kind == "gru":
-        out, h_n, cache = R.gru_forward(
-            xt,
-            cast_state(hx),
-            p["weight_ih_l0"],
-            p["weight_hh_l0"],
-            p.get("bias_ih_l0"),
-            p.get("bias_hh_l0"),
-        )
     else:
-        out, h_n, cache = R.rnn_forward(
+        options = {} if kind == "gru" else {"nonlinearity": kind[4:]}
+        out, h_n, cache = (R.gru_forward if kind == "gru" else R.rnn_forward)(
             xt,
             cast_state(hx),
             p["weight_ih_l0"],
             p["weight_hh_l0"],
             p.get("bias_ih_l0"),
             p.get("bias_hh_l0"),
-            nonlinearity=kind[4:],
+            **options,
         )
     res = {
         "out": from_time_major(out, batch_first, unbatched),
@@ -170,10 +162,9 @@ def run_reference(
         gh, gc = (None, None) if grad_state is None else grad_state
         g = R.lstm_backward(cache, gout, cast_grad_state(gh), cast_grad_state(gc))
         res["dc0"] = state_from_ref(g["c0"], unbatched)
-    elif kind == "gru":
-        g = R.gru_backward(cache, gout, cast_grad_state(grad_state))
     else:
-        g = R.rnn_backward(cache, gout, cast_grad_state(grad_state))
+        backward_of = R.gru_backward if kind == "gru" else R.rnn_backward
+        g = backward_of(cache, gout, cast_grad_state(grad_state))
     res["dx"] = from_time_major(g["x"], batch_first, unbatched)
     res["dh0"] = state_from_ref(g["h0"], unbatched)
     res["grads"] = {k: g[REF_GRAD_NAMES[k]] for k in params}
