@@ -511,20 +511,16 @@ RANDOM_CASES = [
 
 @requires_torch
 @pytest.mark.parametrize(
-    "case, dtype, isa_name, threads",
+    "case, dtype, isa, threads",
     RANDOM_CASES,
     ids=[f"{c.id}-{np.dtype(d).name}-{i}-t{t}" for c, d, i, t in RANDOM_CASES],
+    indirect=["isa"],  # the isa fixture sets each case's ISA and restores the previous one
 )
-def test_random_cases_match_torch(case, dtype, isa_name, threads, rng, restore_threads):
+def test_random_cases_match_torch(case, dtype, isa, threads, rng, restore_threads):
     """Every option at random sizes, on every ISA, on 1 and 2 threads: training forward and
     backward, then an eval forward, against torch."""
-    previous = fastrnn.active_isa()
-    fastrnn._core._set_isa(isa_name)
     fastrnn.set_num_threads(threads)
-    try:
-        run_case(case, dtype, rng, also_eval=True)
-    finally:
-        fastrnn._core._set_isa(previous)
+    run_case(case, dtype, rng, also_eval=True)
 
 
 @requires_torch
