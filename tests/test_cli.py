@@ -24,6 +24,8 @@ def test_info_self_check_passes():
     assert f"active ISA:     {fastrnn.active_isa()}" in result.stdout
     assert f"threads: {fastrnn.get_num_threads()}" in result.stdout
     assert f"L2 cache: {fastrnn._core._l2_cache_bytes() >> 10} KiB per core" in result.stdout
+    threads = fastrnn.get_num_threads()
+    assert (f"barrier of the {threads} threads: " in result.stdout) == (threads > 1)
     assert "all checks passed" in result.stdout
 
 
@@ -52,6 +54,7 @@ def test_bench_prints_a_table_and_saves_json(tmp_path):
     assert "FMA units in this run:" in result.stdout
     assert [r["mode"] for r in rows] == ["inference", "training"]
     for row in rows:
+        assert row["barrier"] == [0.0] * 3  # fastrnn's, one per round: none on one thread
         assert set(row["seconds"]) == {"fastrnn", "reference"}
         assert all(seconds > 0 for seconds in row["seconds"].values())
         for library, samples in row["samples"].items():
@@ -71,11 +74,13 @@ def test_table_reports_the_shares_of_the_limits():
         return {"case": case, "mode": "inference", "flops": flops, "seconds": seconds, **flags}
 
     results = [
-        row(bench.FMA_LIMIT.name, 4e9, {"fastrnn": 0.01}, fma=True),
+        row(bench.FMA_LIMIT.name, 4e9, {"fastrnn": 0.01}, fma=True, barrier=[9e-6]),
         row(bench.SGEMM.name, 2e9, {"torch": 0.01}, sgemm=True),
-        row("LSTM T1 B1 H8", 1e9, {"fastrnn": 0.01, "torch": 0.02}),
+        row("LSTM T1 B1 H8", 1e9, {"fastrnn": 0.01, "torch": 0.02}, barrier=[4e-8, 1.6e-7]),
+        row("LSTM T1 B2 H8", 1e9, {"fastrnn": 0.01}, barrier=[3.5e-8]),
     ]
     table = bench.format_table(results, threads=2)
+    assert "over the run: median 40 ns, 35-160 ns" in table  # the limits' rows left out
     assert "SGEMM in this run: 200.0 GFLOP/s" in table
     assert "FMA units in this run: 400.0 GFLOP/s" in table
     assert "| case | mode | fastrnn | GFLOP/s | of FMA | torch | vs torch |" in table

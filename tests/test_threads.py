@@ -130,6 +130,17 @@ def test_set_num_threads_rejects_bad_values(restore_threads):
         fastrnn.set_num_threads("2")
 
 
+def test_barrier_timing_hook(restore_threads):
+    # What `python -m fastrnn info` and the bench report: a barrier of the pool's threads.
+    fastrnn.set_num_threads(1)
+    assert fastrnn._core._barrier_seconds(100) == 0.0  # one thread meets no one
+    fastrnn.set_num_threads(2)
+    assert 0.0 < fastrnn._core._barrier_seconds(1000) < 1e-3
+    for rounds in (0, -1, 10**9):
+        with pytest.raises(ValueError, match="rounds must be between 1 and 1e8"):
+            fastrnn._core._barrier_seconds(rounds)
+
+
 def _python(code: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", code],

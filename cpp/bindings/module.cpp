@@ -6,6 +6,7 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <cstring>
 #include <functional>
@@ -542,6 +543,24 @@ double fma_limit(double flops, const std::string& dtype) {
   throw py::value_error("dtype must be 'float32' or 'float64', got '" + dtype + "'");
 }
 
+// Seconds per barrier of the pool's threads: what a time step split by hidden units pays once per
+// step to meet the other threads (0 on one thread).
+double barrier_seconds(long rounds) {
+  if (rounds < 1 || rounds > 100'000'000)
+    throw py::value_error("rounds must be between 1 and 1e8, got " + std::to_string(rounds));
+  py::gil_scoped_release release;
+  double seconds = 0;
+  ThreadPool::global().run(ThreadPool::global().threads(), [&](const ThreadContext& ctx) {
+    if (ctx.count < 2) return;  // the pool was busy: this call ran alone
+    ctx.sync();                 // every thread has started
+    const auto start = std::chrono::steady_clock::now();
+    for (long i = 0; i < rounds; ++i) ctx.sync();
+    const std::chrono::duration<double> elapsed = std::chrono::steady_clock::now() - start;
+    if (ctx.index == 0) seconds = elapsed.count() / static_cast<double>(rounds);
+  });
+  return seconds;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -601,6 +620,9 @@ PYBIND11_MODULE(_core, m) {
   m.def("_fma_limit", &fma_limit, py::arg("flops"), py::arg("dtype") = "float32",
         "Benchmark hook: about `flops` operations of independent FMAs on registers, on all the "
         "threads at once (the FMA units' limit); returns the operations done.");
+  m.def("_barrier_seconds", &barrier_seconds, py::arg("rounds"),
+        "Benchmark hook: seconds per barrier of the thread pool's threads, the synchronisation a "
+        "time step split by hidden units pays once per step (0 on one thread).");
   m.def("activation", &activation, py::arg("name"), py::arg("x"),
         "Testing hook: the active ISA's vectorized activation applied to a 1-D array.");
 

@@ -80,6 +80,12 @@ def info() -> int:
         f"threads: {_core.get_num_threads()} (usable cores: {_usable_cores()}; FASTRNN_NUM_THREADS)"
     )
     print(f"L2 cache: {_core._l2_cache_bytes() >> 10} KiB per core")
+    if _core.get_num_threads() > 1:
+        barrier = _core._barrier_seconds(benchmarks.BARRIER_ROUNDS)
+        print(
+            f"barrier of the {_core.get_num_threads()} threads: {barrier * 1e9:.0f} ns "
+            "(once per time step at small batch)"
+        )
     print("self-check against fastrnn.reference (LSTM, GRU, ReLU RNN; forward, all gradients):")
     tolerances = {np.dtype(np.float32): 2e-4, np.dtype(np.float64): 1e-9}
     ok = True

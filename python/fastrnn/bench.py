@@ -118,6 +118,11 @@ CASES = (
 SGEMM = Case("sgemm", 1, 1, 2048)
 FMA_LIMIT = Case("fma", 1, 1, 0)
 FMA_LIMIT_FLOPS = 2.0**31  # about 10 ms on two Zen 4 cores
+# Barriers of fastrnn's threads, timed after each of its samples (fastrnn._core._barrier_seconds;
+# about 1-3 ms): a time step split by hidden units pays one, and its cost follows where the
+# threads run. On this project's VM it took about 35 ns at some times and 160 ns at others, and the
+# batch-1 rows ran slower at the latter.
+BARRIER_ROUNDS = 20_000
 
 
 def supported(library: str, case: Case, mode: str) -> bool:
@@ -434,6 +439,10 @@ def worker_main() -> None:
                 )
             samples = time_calls(prepared[key], request["repeat"])
             answer: dict[str, Any] = {"samples": samples}
+            if request["library"] == "fastrnn":
+                import fastrnn
+
+                answer["barrier"] = fastrnn._core._barrier_seconds(BARRIER_ROUNDS)
         except Exception as exc:  # reported to the parent, which shows it in the table
             answer = {"error": f"{type(exc).__name__}: {exc}"}
         print(json.dumps(answer), flush=True)
@@ -530,6 +539,7 @@ def run_benchmarks(
             jobs.insert(0, (FMA_LIMIT, "inference"))
         for index, (case, mode) in enumerate(jobs):
             samples: dict[str, list[float]] = {}
+            barriers: list[float] = []  # fastrnn's, one per round
             errors: dict[str, str] = {}
             todo = [lib for lib in libraries if supported(lib, case, mode)]
             for round_ in range(rounds):
@@ -547,6 +557,7 @@ def run_benchmarks(
                         errors[lib] = answer["error"]
                     else:
                         samples.setdefault(lib, []).extend(answer["samples"])
+                        barriers += [answer["barrier"]] if "barrier" in answer else []
             row: dict[str, Any] = {"case": case.name, "mode": mode, "flops": case.flops(mode)}
             if case.cell in ("sgemm", "fma"):
                 row[case.cell] = True  # a limit: a note above the table, not a row
@@ -556,6 +567,7 @@ def run_benchmarks(
             row["seconds"] = {lib: float(statistic(s)) for lib, s in samples.items()}
             # Every sample too: on a shared VM the spread says how far one run's ratios can move.
             row["samples"] = samples
+            row["barrier"] = barriers
             row["errors"] = errors
             results.append(row)
     finally:
@@ -603,6 +615,13 @@ def format_table(results: list[dict[str, Any]], threads: int) -> str:
             f"FMA units in this run: {fma_gflops:.1f} GFLOP/s (independent FMAs on registers, "
             "every thread at once, best sample); 'of FMA' column: fastrnn's GFLOP/s as a % of "
             "that limit"
+        )
+    barriers = [b for r in results for b in r.get("barrier", []) if b > 0]
+    if barriers:
+        notes.append(
+            f"Barrier of fastrnn's threads (once per time step at small batch) over the run: "
+            f"median {1e9 * float(np.median(barriers)):.0f} ns, {1e9 * min(barriers):.0f}-"
+            f"{1e9 * max(barriers):.0f} ns"
         )
     lines[1:1] = notes
     for r in results:
