@@ -1160,6 +1160,85 @@ def test_concatenated_forwards_need_the_same_rows_and_dtype(rng):
             _core.forward_each(calls, True)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_cell_step_is_a_one_step_forward(isa, kind, dtype, rng):
+    """_core.step, a cell's call, gives what a forward of one step gives, and so does the
+    backward of what it kept; any batch (0 too), h and c given or None."""
+    from fastrnn import _core
+
+    G, IN, H = gate_count(kind), 5, 7
+    w = [rng.standard_normal(shape).astype(dtype) for shape in ((G * H, IN), (G * H, H), (G * H,))]
+    packed = _core.pack(kind, w[0], w[1], w[2], w[2][::-1].copy())
+    for batch, with_state in ((1, True), (3, True), (3, False), (0, True)):
+        x = rng.standard_normal((batch, IN)).astype(dtype)
+        h = rng.standard_normal((batch, H)).astype(dtype) if with_state else None
+        c = rng.standard_normal((batch, H)).astype(dtype) if with_state and kind == "lstm" else None
+        h_step, c_step, saved = _core.step(packed, x, h, c, True)
+        _, h_n, c_n, state = _core.forward(packed, x[None], h, c, True)
+        assert h_step.shape == (batch, H) and h_step.dtype == dtype
+        assert_close(h_step, h_n, dtype, "fwd", "h'")
+        if kind == "lstm":
+            assert_close(c_step, c_n, dtype, "fwd", "c'")
+        else:
+            assert c_step is None
+        grad_h = rng.standard_normal((batch, H)).astype(dtype)
+        grad_c = rng.standard_normal((batch, H)).astype(dtype) if kind == "lstm" else None
+        results = []
+        for kept in (saved, state):
+            grads = [np.zeros_like(a) for a in (w[0], w[1], w[2], w[2])]
+            results.append((*_core.backward(kept, None, grad_h, grad_c, *grads), *grads))
+        for name, from_step, from_forward in zip(
+            ("dx", "dh", "dc", "dW_ih", "dW_hh", "db_ih", "db_hh"), *results
+        ):
+            if from_forward is None:
+                assert from_step is None, name
+            else:
+                assert_close(from_step, from_forward, dtype, "grad", name)
+    h_step, c_step, saved = _core.step(packed, x)  # inference: nothing kept
+    assert saved is None
+
+
+def test_cell_step_checks_its_arguments(rng):
+    from fastrnn import _core
+
+    w = [rng.standard_normal(shape).astype(np.float32) for shape in ((12, 3), (12, 4))]
+    gru = _core.pack("gru", *w)
+    x = np.zeros((2, 3), np.float32)
+    for bad_x in (np.zeros((2, 4), np.float32), np.zeros((1, 2, 3), np.float32)):
+        with pytest.raises(ValueError, match=r"x must have shape \(batch, 3\)"):
+            _core.step(gru, bad_x)
+    with pytest.raises(ValueError, match=r"h must have shape \(2, 4\)"):
+        _core.step(gru, x, np.zeros((1, 4), np.float32))
+    with pytest.raises(ValueError, match="c is only for the LSTM"):
+        _core.step(gru, x, None, np.zeros((2, 4), np.float32))
+    with pytest.raises(ValueError, match="packed with training=True"):
+        _core.step(_core.pack("gru", *w, training=False), x, training=True)
+
+
+def test_calls_repack_for_another_isa(rng):
+    """A layer's or cell's packed weights serve the ISA they were packed for: after a switch,
+    the next call repacks for the active one (the ISA tests rely on it)."""
+    from fastrnn import _core
+
+    previous = fastrnn.active_isa()
+    layer, cell = fastrnn.GRU(3, 4, seed=0), fastrnn.GRUCell(3, 4, seed=0)
+    x = rng.standard_normal((2, 1, 3)).astype(np.float32)
+    expected = layer(x)[0], cell(x[0])
+    try:
+        for name in fastrnn.available_isas():
+            old_packs = layer._packed["l0"], cell._packed[""]
+            _core._set_isa(name)
+            assert all(p.current == (p.isa == name) for p in old_packs)
+            result = layer(x)[0], cell(x[0])
+            for packed in (layer._packed["l0"], cell._packed[""]):
+                assert packed.isa == name and packed.current
+            for got, want in zip(result, expected):
+                assert_close(got, want, np.float32, "fwd")
+    finally:
+        _core._set_isa(previous)
+
+
 def test_training_forward_needs_a_trainable_pack(rng):
     from fastrnn import _core
 

@@ -155,6 +155,7 @@ class Layer {
   }
   const Layout& layout() const { return f32 ? f32->layout : f64->layout; }
   const char* isa() const { return f32 ? f32->isa->name : f64->isa->name; }
+  bool packed_for_active_isa() const { return (f32 ? f32->isa : f64->isa) == &active_isa(); }
   bool has_bias() const { return f32 ? f32->has_bias : f64->has_bias; }
   bool trainable() const { return f32 ? f32->trainable : f64->trainable; }
   py::dtype dtype() const { return f32 ? py::dtype::of<float>() : py::dtype::of<double>(); }
@@ -373,6 +374,57 @@ py::object forward_any(const Layer& layer, const py::array& x, const std::option
       prepare_forward_any(layer, x, h0, c0, training, batch_sizes, reverse)};
   run_calls(calls);
   return calls[0].result();
+}
+
+// One time step of a cell (fastrnn.LSTMCell, GRUCell, RNNCell): x (batch, input), h (batch,
+// output) and c (batch, hidden) or None for zeros. The streaming path, a few microseconds a call
+// at small sizes, so without forward's generality (sequences, several calls, the output rows
+// apart from h_n: one step's output is h'). Returns (h', c' or None, TrainingState or None).
+template <class T>
+py::object step_typed(const Layer& layer, const py::array& x_in,
+                      const std::optional<py::array>& h_in, const std::optional<py::array>& c_in,
+                      bool training) {
+  const Layout& L = layer.layout();
+  const bool lstm = L.cell == Cell::lstm;
+  if (training && !layer.trainable())
+    throw py::value_error("a training step needs a layer packed with training=True");
+  CArray<T> x = as_array<T>(x_in, "x");
+  if (x.ndim() != 2 || x.shape(1) != L.input)
+    throw py::value_error("x must have shape (batch, " + std::to_string(L.input) + "), got " +
+                          shape_string(shape_of(x)));
+  const long batch = static_cast<long>(x.shape(0));
+  const std::vector<py::ssize_t> h_shape{batch, L.output}, c_shape{batch, L.hidden};
+  if (c_in && !lstm) throw py::value_error("c is only for the LSTM");
+  const auto h = optional_input<T>(h_in, h_shape, "h");
+  const auto c = optional_input<T>(c_in, c_shape, "c");
+  CArray<T> h_next = new_array<T>(h_shape);
+  std::optional<CArray<T>> c_next;
+  if (lstm) c_next = new_array<T>(c_shape);
+  std::shared_ptr<TrainingState<T>> state;
+  if (training) state = std::make_shared<TrainingState<T>>();
+  {
+    py::gil_scoped_release release;
+    T* out = h_next.mutable_data();
+    forward<T>(layer.get<T>(), Sequences::uniform(1, batch), false, x.data(), data_or_null(h),
+               data_or_null(c), out, L.output, out, c_next ? c_next->mutable_data() : nullptr,
+               state.get());
+  }
+  py::object saved = py::none();
+  if (state) {
+    State s;
+    if constexpr (std::is_same_v<T, float>)
+      s.f32 = std::move(state);
+    else
+      s.f64 = std::move(state);
+    saved = py::cast(std::move(s));
+  }
+  return py::make_tuple(h_next, c_next ? py::object(*c_next) : py::none(), saved);
+}
+
+py::object step_any(const Layer& layer, const py::array& x, const std::optional<py::array>& h,
+                    const std::optional<py::array>& c, bool training) {
+  if (layer.f32) return step_typed<float>(layer, x, h, c, training);
+  return step_typed<double>(layer, x, h, c, training);
 }
 
 // backward's arguments after the state: the gradients arriving at out, h_n and c_n (None:
@@ -628,6 +680,8 @@ PYBIND11_MODULE(_core, m) {
 
   py::class_<Layer>(m, "PackedLayer", "A layer's weights packed for the kernels of one ISA.")
       .def_property_readonly("isa", &Layer::isa)
+      .def_property_readonly("current", &Layer::packed_for_active_isa,
+                             "Whether the weights are packed for the active ISA (else: repack).")
       .def_property_readonly("dtype", &Layer::dtype)
       .def_property_readonly("cell", [](const Layer& l) { return cell_name(l.layout().cell); })
       .def_property_readonly("input_size", [](const Layer& l) { return l.layout().input; })
@@ -648,6 +702,10 @@ PYBIND11_MODULE(_core, m) {
         "Time-major forward of x (seq_len, batch, input), or of x (rows, input) packed like a "
         "PackedSequence with its batch_sizes; reverse runs each sequence back to front. Returns "
         "(out, h_n, c_n or None, TrainingState or None).");
+  m.def("step", &step_any, py::arg("layer"), py::arg("x"), py::arg("h") = py::none(),
+        py::arg("c") = py::none(), py::arg("training") = false,
+        "One time step of x (batch, input) from h and c (None: zeros), a cell's call. Returns "
+        "(h', c' or None, TrainingState or None); backward takes the state as forward's.");
   m.def("forward_each", &forward_each, py::arg("calls"), py::arg("concatenate") = false,
         "Several independent forwards at once, each on its own thread (e.g. the two directions "
         "of a layer): calls is a list of (layer, x, h0, c0, training, batch_sizes, reverse); "

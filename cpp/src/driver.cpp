@@ -419,11 +419,12 @@ void forward(const std::shared_ptr<const PackedLayer<T>>& layer, const Sequences
     }
   });
 
-  // Each sequence's final state is its row at its last step.
+  // Each sequence's final state is its row at its last step (a cell's step passes h_n as out).
   for (long b = 0; b < batch; ++b) {
     const long last = seq.length[b] - 1;
-    std::memcpy(h_n + b * P, out + (first_row(last) + b) * os,
-                static_cast<std::size_t>(P) * sizeof(T));
+    const T* h_last = out + (first_row(last) + b) * os;
+    if (h_last != h_n + b * P)
+      std::memcpy(h_n + b * P, h_last, static_cast<std::size_t>(P) * sizeof(T));
     if (lstm && c_n)
       std::memcpy(c_n + b * H, c_after(last) + b * Hp, static_cast<std::size_t>(H) * sizeof(T));
   }

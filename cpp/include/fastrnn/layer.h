@@ -79,7 +79,8 @@ struct TrainingState {
 // two directions of a layer can write side by side), h_n [batch, output] and (LSTM) c_n
 // [batch, hidden]: each sequence's state after its last step. `reverse` runs every sequence from
 // its last step to its first (the backward direction of a bidirectional layer); out stays in
-// input order. With a non-null `state`, keeps what backward needs in it.
+// input order. With a non-null `state`, keeps what backward needs in it. A single step may pass
+// out itself as h_n (a cell's step: its one output row is h').
 template <class T>
 void forward(const std::shared_ptr<const PackedLayer<T>>& layer, const Sequences& sequences,
              bool reverse, const T* x, const T* h0, const T* c0, T* out, long out_stride, T* h_n,
