@@ -51,6 +51,8 @@ def layer_calls(dtype: type, rng: np.random.Generator) -> None:
             state = cell(step, state)
             h = state[0] if isinstance(state, tuple) else state
             cell.backward(np.ones_like(h))
+        cell.eval()  # streaming: a step that keeps nothing
+        cell(time_major[0], state)
     gates = {"lstm": 4, "gru": 3, "rnn": 1}
     for name, count in gates.items():
         w_ih = rng.standard_normal((count * HIDDEN, INPUTS)).astype(dtype)
