@@ -170,6 +170,19 @@ class State {
   bool consumed = false;
 };
 
+// A training forward's state as the TrainingState object backward takes; None without one.
+template <class T>
+py::object saved_state(std::shared_ptr<TrainingState<T>> state, bool packed) {
+  if (!state) return py::none();
+  State s;
+  s.packed = packed;
+  if constexpr (std::is_same_v<T, float>)
+    s.f32 = std::move(state);
+  else
+    s.f64 = std::move(state);
+  return py::cast(std::move(s));
+}
+
 template <class T>
 Layer pack_typed(Cell cell, const py::array& w_ih_in, const py::array& w_hh_in,
                  const std::optional<py::array>& b_ih_in, const std::optional<py::array>& b_hh_in,
@@ -342,17 +355,8 @@ PreparedCall prepare_forward(const Layer& layer, const py::array& x_in,
   };
   // The arrays stay alive in result's captures until the call is done.
   auto result = [x, h0, c0, out, h_n, c_n, state, packed]() -> py::object {
-    py::object saved = py::none();
-    if (state) {
-      State s;
-      s.packed = packed;
-      if constexpr (std::is_same_v<T, float>)
-        s.f32 = state;
-      else
-        s.f64 = state;
-      saved = py::cast(std::move(s));
-    }
-    return py::make_tuple(out, h_n, c_n ? py::object(*c_n) : py::none(), saved);
+    return py::make_tuple(out, h_n, c_n ? py::object(*c_n) : py::none(),
+                          saved_state(state, packed));
   };
   return {run, result, nullptr, seq->rows() * step_multiply_adds(L)};
 }
@@ -409,16 +413,8 @@ py::object step_typed(const Layer& layer, const py::array& x_in,
                data_or_null(c), out, L.output, out, c_next ? c_next->mutable_data() : nullptr,
                state.get());
   }
-  py::object saved = py::none();
-  if (state) {
-    State s;
-    if constexpr (std::is_same_v<T, float>)
-      s.f32 = std::move(state);
-    else
-      s.f64 = std::move(state);
-    saved = py::cast(std::move(s));
-  }
-  return py::make_tuple(h_next, c_next ? py::object(*c_next) : py::none(), saved);
+  return py::make_tuple(h_next, c_next ? py::object(*c_next) : py::none(),
+                        saved_state(std::move(state), false));
 }
 
 py::object step_any(const Layer& layer, const py::array& x, const std::optional<py::array>& h,

@@ -557,7 +557,8 @@ def run_benchmarks(
                         errors[lib] = answer["error"]
                     else:
                         samples.setdefault(lib, []).extend(answer["samples"])
-                        barriers += [answer["barrier"]] if "barrier" in answer else []
+                        if "barrier" in answer:
+                            barriers.append(answer["barrier"])
             row: dict[str, Any] = {"case": case.name, "mode": mode, "flops": case.flops(mode)}
             if case.cell in ("sgemm", "fma"):
                 row[case.cell] = True  # a limit: a note above the table, not a row
