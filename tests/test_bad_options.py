@@ -265,6 +265,18 @@ def test_load_state_dict_of_other_options_names_the_keys():
         np.testing.assert_array_equal(value, before[name])
 
 
+@pytest.mark.parametrize("dtype", [np.complex64, np.str_, object], ids=["c64", "str", "obj"])
+def test_assign_weights_that_are_not_real_numbers(dtype):
+    """No silent cast (complex would lose its imaginary part, strings would be parsed)."""
+    layer = make_layer("lstm")
+    before = layer.weight_ih_l0
+    with pytest.raises(TypeError, match=r"weight_ih_l0.*real numbers"):
+        layer.weight_ih_l0 = np.ones(before.shape).astype(dtype)
+    with pytest.raises(TypeError, match=r"weight_ih_l0.*real numbers"):
+        layer.load_state_dict({**layer.state_dict(), "weight_ih_l0": before.astype(dtype)})
+    assert layer.weight_ih_l0 is before
+
+
 def test_assign_projection_of_wrong_shape():
     layer = make_layer("lstm_proj", num_layers=2, bidirectional=True)
     with pytest.raises(ValueError, match=rf"weight_hr_l1_reverse.*\({P}, {H}\)"):

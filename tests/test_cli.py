@@ -61,10 +61,19 @@ def test_bench_prints_a_table_and_saves_json(tmp_path):
             assert min(samples) <= row["seconds"][library] <= max(samples)
 
 
-def test_bench_rejects_bad_threads():
-    result = _run("bench", "--threads", "0")
-    assert result.returncode != 0
-    assert "--threads" in result.stderr
+@pytest.mark.parametrize(
+    "args,option",
+    [
+        (["--threads", "0"], "--threads"),
+        (["--threads", "1025"], "--threads"),
+        (["--rounds", "0"], "--rounds"),
+        (["--json", "/nonexistent-dir/results.json"], "--json"),
+    ],
+)
+def test_bench_rejects_bad_options_before_running(args, option):
+    result = _run("bench", *args)
+    assert result.returncode == 2
+    assert option in result.stderr
 
 
 def test_table_reports_the_shares_of_the_limits():

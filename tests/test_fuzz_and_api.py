@@ -96,6 +96,9 @@ def test_functional_matches_layers(dtype):
 def test_functional_rejects_bad_input():
     w_ih, w_hh = np.zeros((4, 2), np.float32), np.zeros((4, 1), np.float32)
     x = np.zeros((2, 1, 2), np.float32)
+    # Lists carry no dtype: they convert to weight_ih's, as the layers convert them to theirs.
+    out = fastrnn.functional.lstm(x.tolist(), [[0.0]], None, w_ih, w_hh)[0]
+    assert out.dtype == np.float32
     with pytest.raises(TypeError, match="weight_hh"):
         fastrnn.functional.lstm(x, None, None, w_ih, w_hh.astype(np.float64))
     with pytest.raises(TypeError, match="x"):

@@ -1026,13 +1026,14 @@ def test_copy_and_pickle(kind, rng):
     layer = make_layer(kind, 5, 9, np.float64, seed=3)
     x = rng.standard_normal((4, 2, 5))
     expected, _ = layer(x)  # packs, and keeps a training state
-    for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+    for clone in (copy.copy(layer), copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
         out, _ = clone(x)
         np.testing.assert_array_equal(out, expected)
         assert not clone.weight_hh_l0.flags.writeable
         clone.backward(np.ones_like(out))  # the clone's own forward pairs with its backward
         clone.weight_ih_l0 = np.zeros_like(clone.weight_ih_l0)  # independent of the original
     assert np.any(layer.weight_ih_l0 != 0)
+    np.testing.assert_array_equal(layer(x)[0], expected)
 
 
 @pytest.mark.parametrize("kind", KINDS)

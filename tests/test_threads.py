@@ -124,8 +124,9 @@ def test_calls_after_the_workers_sleep(steps, bidirectional, restore_threads):
 
 
 def test_set_num_threads_rejects_bad_values(restore_threads):
-    with pytest.raises(ValueError, match="n must be >= 1"):
-        fastrnn.set_num_threads(0)
+    for bad in (0, -1, fastrnn._core._max_threads + 1):
+        with pytest.raises(ValueError, match="n must be from 1 to 1024"):
+            fastrnn.set_num_threads(bad)
     with pytest.raises(TypeError):
         fastrnn.set_num_threads("2")
 

@@ -51,7 +51,8 @@ CArray<T> new_array(const std::vector<py::ssize_t>& shape) {
 }
 
 // A C-contiguous, aligned array of T (a copy when needed); TypeError when the input cannot
-// convert. NumPy allows misaligned arrays (e.g. views into byte buffers): they are copied too.
+// convert, MemoryError when the copy does not fit. NumPy allows misaligned arrays (e.g. views
+// into byte buffers): they are copied too.
 template <class T>
 CArray<T> as_array(const py::array& a, const char* name) {
   // Already right (every call of a streaming cell): no NumPy conversion machinery, which costs
@@ -59,11 +60,15 @@ CArray<T> as_array(const py::array& a, const char* name) {
   if (py::isinstance<py::array_t<T>>(a) && (a.flags() & py::array::c_style) &&
       reinterpret_cast<std::uintptr_t>(a.data()) % alignof(T) == 0)
     return py::reinterpret_borrow<CArray<T>>(a);
-  CArray<T> out = CArray<T>::ensure(a);
-  if (!out)
+  CArray<T> out;
+  try {
+    out = CArray<T>(a);
+  } catch (py::error_already_set& e) {
+    if (e.matches(PyExc_MemoryError)) throw;  // the copy itself, not the conversion, failed
     throw py::type_error(std::string(name) + " must be convertible to " +
                          std::string(py::str(py::dtype::of<T>())) + ", got " +
                          std::string(py::str(a.dtype())));
+  }
   if (reinterpret_cast<std::uintptr_t>(out.data()) % alignof(T) != 0) {
     CArray<T> aligned(std::vector<py::ssize_t>(out.shape(), out.shape() + out.ndim()));
     std::memcpy(aligned.mutable_data(), out.data(), static_cast<std::size_t>(out.nbytes()));
@@ -640,14 +645,17 @@ PYBIND11_MODULE(_core, m) {
       py::arg("name"), "Testing hook: use another ISA for layers packed from now on.");
   m.def("_l2_cache_bytes", &l2_cache_bytes,
         "One core's L2 cache in bytes, as detected at import (it sizes the work split).");
+  m.attr("_max_threads") = ThreadPool::kMaxThreads;
   m.def(
       "get_num_threads", [] { return ThreadPool::global().threads(); },
       "Threads a layer call may use (the calling thread included).");
   m.def(
       "set_num_threads",
       [](int threads) {
-        if (threads < 1)
-          throw py::value_error("set_num_threads: n must be >= 1, got " + std::to_string(threads));
+        if (threads < 1 || threads > ThreadPool::kMaxThreads)
+          throw py::value_error("set_num_threads: n must be from 1 to " +
+                                std::to_string(ThreadPool::kMaxThreads) + ", got " +
+                                std::to_string(threads));
         py::gil_scoped_release release;  // waits for a running region to finish
         ThreadPool::global().set_threads(threads);
       },

@@ -106,10 +106,9 @@ int ThreadPool::default_threads() {
   if (const char* env = std::getenv("FASTRNN_NUM_THREADS"); env && *env) {
     char* rest = nullptr;
     const long n = std::strtol(env, &rest, 10);
-    if (*rest != '\0' || n < 1 || n > 1024)
-      throw std::invalid_argument(
-          "FASTRNN_NUM_THREADS must be a whole number from 1 to 1024, got '" + std::string(env) +
-          "'");
+    if (*rest != '\0' || n < 1 || n > kMaxThreads)
+      throw std::invalid_argument("FASTRNN_NUM_THREADS must be a whole number from 1 to " +
+                                  std::to_string(kMaxThreads) + ", got '" + std::string(env) + "'");
     return static_cast<int>(n);
   }
   int cores = static_cast<int>(std::thread::hardware_concurrency());

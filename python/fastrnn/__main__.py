@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import json
 import os
 import sys
@@ -166,8 +167,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "info":
         return info()
     if args.command == "bench":
-        if args.threads < 1:
-            parser.error("--threads must be >= 1")
+        if not 1 <= args.threads <= _core._max_threads:
+            parser.error(f"--threads must be from 1 to {_core._max_threads}")
+        if args.rounds < 1:
+            parser.error("--rounds must be >= 1")
+        for option, path in (("--json", args.json), ("--plot", args.plot)):
+            # Found out now, not after the run.
+            if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+                parser.error(f"{option}: the directory of {path!r} does not exist")
+        if args.plot and importlib.util.find_spec("matplotlib") is None:
+            parser.error("--plot needs matplotlib (pip install 'fastrnn[plot]')")
         return bench(args)
     return 2
 

@@ -16,7 +16,10 @@ __all__ = ["gru", "lstm", "rnn"]
 
 
 def _checked(name: str, value: Any, dtype: np.dtype | None = None) -> np.ndarray:
+    """An array of dtype (weight_ih's): arrays must have it, lists of real numbers convert."""
     array = np.asarray(value)
+    if dtype is not None and not hasattr(value, "dtype") and array.dtype.kind in "biuf":
+        array = array.astype(dtype)  # a list carries no dtype of its own
     if array.dtype not in (np.float32, np.float64):
         raise TypeError(f"{name} must be float32 or float64, got {array.dtype}")
     if dtype is not None and array.dtype != dtype:

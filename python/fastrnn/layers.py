@@ -109,11 +109,16 @@ class _Module:
     def _checked_param(self, name: str, value: Any) -> np.ndarray:
         expected = self._param_shapes()[name]
         try:
-            # A private copy, whatever came in. np.asarray first: NumPy 2's np.array(x, dtype)
-            # passes copy= to __array__, which torch tensors warn about.
-            array = np.array(np.asarray(value), dtype=self.dtype)
+            # np.asarray first: NumPy 2's np.array(x, dtype) passes copy= to __array__, which
+            # torch tensors warn about.
+            given = np.asarray(value)
         except (TypeError, ValueError, RuntimeError) as exc:  # e.g. a tensor that requires grad
             raise TypeError(f"{name}: cannot convert to an array of {self.dtype}: {exc}") from exc
+        if given.dtype.kind not in "biuf":  # complex, strings, objects: no silent casts
+            raise TypeError(
+                f"{name} must be real numbers convertible to {self.dtype}, got {given.dtype}"
+            )
+        array = np.array(given, dtype=self.dtype)  # a private copy, whatever came in
         if array.shape != expected:
             raise ValueError(
                 f"{name} must have shape {_shape(expected)}, got {_shape(array.shape)}"
@@ -141,6 +146,10 @@ class _Module:
         # The packed weights and pending training states are derived, per-process data: a copy or
         # an unpickled module repacks on its first call and needs a new forward for backward.
         state = self.__dict__.copy()
+        # Own containers, so that a shallow copy (copy.copy) and the original do not share
+        # parameters the other's packed weights would not follow, or gradients.
+        state["_params"] = dict(self._params)
+        state["grads"] = {name: grad.copy() for name, grad in self.grads.items()}
         state["_packed"] = {}
         state["_saved"] = None
         if "_tape" in state:
@@ -480,12 +489,12 @@ class _RNNBase(_Module):
                 f"x.shape[-1] must equal input_size={self.input_size}, got {x.shape[-1]}"
             )
         batched = x.ndim == 3
+        if x.shape[1 if batched and self.batch_first else 0] == 0:
+            raise ValueError(f"x: sequence length must be > 0, got x.shape {_shape(x.shape)}")
         if not batched:
             x = x[:, None, :]
         elif self.batch_first:
             x = x.transpose(1, 0, 2)
-        if x.shape[0] == 0:
-            raise ValueError(f"x: sequence length must be > 0, got x.shape {_shape(x.shape)}")
         return x, batched
 
     def _state_input(

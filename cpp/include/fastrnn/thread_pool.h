@@ -74,6 +74,9 @@ class ThreadPool {
   // process may run on (CPU affinity and cgroup quota).
   static int default_threads();
   static ThreadPool& global();
+  // The most threads FASTRNN_NUM_THREADS and set_num_threads accept: every call waits for every
+  // worker to acknowledge it, so thousands of them make every call milliseconds long.
+  static constexpr int kMaxThreads = 1024;
 
   int threads() const { return threads_.load(); }
   void set_threads(int threads);
