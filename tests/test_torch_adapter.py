@@ -107,6 +107,15 @@ def make_twins(opts: Options, dtype: torch.dtype, seed: int = 0):
     return reference, fast
 
 
+def gru_twins(dtype=torch.float64, **kwargs):
+    """A torch.nn.GRU(3, 4) and its fastrnn.torch twin."""
+    torch.manual_seed(0)
+    reference = torch.nn.GRU(3, 4, dtype=dtype, **kwargs)
+    fast = ft.GRU(3, 4, dtype=dtype, **kwargs)
+    fast.load_state_dict(reference.state_dict())
+    return reference, fast
+
+
 def leaf(shape, dtype, gen):
     return torch.randn(shape, dtype=dtype, generator=gen).requires_grad_()
 
@@ -368,6 +377,24 @@ def test_patch_of_a_bare_rnn_returns_a_new_module_and_modules_in_lists():
     assert type(stack[0]) is ft.LSTM and stack[0] is stack[2]
 
 
+def test_patch_shares_hooks_in_a_model_and_copies_them_for_a_bare_module():
+    calls = []
+    rnn = torch.nn.GRU(3, 4)
+    handle = rnn.register_forward_hook(lambda m, args, out: calls.append(type(m)))
+    x = torch.randn(2, 1, 3)
+    fast = ft.patch(rnn)  # a new module: registrations on it leave rnn alone
+    fast.register_forward_hook(lambda m, args, out: calls.append("new"))
+    rnn(x)
+    fast(x)
+    assert calls == [torch.nn.GRU, ft.GRU, "new"]
+    model = torch.nn.Sequential(rnn)
+    ft.patch(model)
+    handle.remove()  # a handle made before the patch removes the hook from the replacement
+    calls.clear()
+    model(x)
+    assert calls == []
+
+
 def test_patch_keeps_the_optimizer_working():
     torch.manual_seed(0)
     model = Tagger()
@@ -451,6 +478,44 @@ def test_writes_through_data_need_repack_weights():
         q.data.mul_(0.5)
     fast.repack_weights()
     assert_close(fast(x)[0].detach(), reference(x)[0].detach(), np.float32, "fwd", "out")
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "SGD", "Adagrad"])
+def test_fused_optimizer_steps_are_seen(name):
+    """Fused optimizers write their parameters without bumping the version counter; the
+    adapter's optimizer hook bumps it, so the next forward repacks."""
+    reference, fast = gru_twins(torch.float32)
+    x = torch.randn(5, 2, 3)
+    for m in (reference, fast):
+        opt = getattr(torch.optim, name)(m.parameters(), lr=0.1, fused=True)
+        for _ in range(2):
+            opt.zero_grad()
+            m(x)[0].square().sum().backward()
+            opt.step()
+    assert_close(fast(x)[0].detach(), reference(x)[0].detach(), np.float32, "grad", "out")
+
+
+def test_data_assigned_a_view_at_the_same_address_is_seen():
+    torch.manual_seed(0)
+    reference, fast = torch.nn.RNN(4, 4), ft.RNN(4, 4)
+    fast.load_state_dict(reference.state_dict())
+    x = torch.randn(5, 2, 4)
+    fast(x)
+    for m in (reference, fast):
+        m.weight_hh_l0.data = m.weight_hh_l0.data.t()  # same memory, other strides
+    assert_close(fast(x)[0].detach(), reference(x)[0].detach(), np.float32, "fwd", "out")
+
+
+def test_inputs_and_weights_with_the_negative_bit():
+    reference, fast = gru_twins()
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    h0 = torch.randn(1, 2, 4, dtype=torch.float64)
+    want = reference(x, h0)[0]
+    for m in (reference, fast):
+        with torch.no_grad():
+            m.weight_hh_l0.data = torch._neg_view(-m.weight_hh_l0.data)
+    got = fast(torch._neg_view(-x), torch._neg_view(-h0))[0]
+    assert_close(got.detach(), want.detach(), np.float64, "fwd", "out")
 
 
 def test_parametrized_weights_get_gradients():
@@ -549,6 +614,99 @@ def test_second_backward_through_one_forward():
         m.weight_hh_l1.add_(1.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+# ------------------------------------------------------------ higher-order and batched gradients
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_double_backward_of_a_gradient_penalty_matches_torch_nn(kind):
+    """create_graph=True (a gradient penalty on dL/dx): the gradient is differentiable and its
+    contribution to the weights' gradients matches torch.nn, also for a loss linear in the
+    outputs, whose dL/dout does not require grad."""
+    torch.manual_seed(0)
+    reference = getattr(torch.nn, kind)(3, 4, num_layers=2, bidirectional=True, dtype=torch.float64)
+    fast = getattr(ft, kind)(3, 4, num_layers=2, bidirectional=True, dtype=torch.float64)
+    fast.load_state_dict(reference.state_dict())
+    x0 = torch.randn(5, 2, 3, dtype=torch.float64)
+    results = []
+    for m in (reference, fast):
+        x = x0.clone().requires_grad_()
+        for loss_of in (torch.sum, lambda out: out.square().sum()):
+            m.zero_grad()
+            loss = loss_of(m(x)[0])
+            (dx,) = torch.autograd.grad(loss, x, create_graph=True)
+            assert dx.requires_grad
+            (loss + dx.square().sum()).backward()
+            results.append([p.grad.clone() for p in m.parameters()])
+    half = len(results) // 2
+    for want, got in zip(results[:half], results[half:]):
+        for a, b in zip(want, got):
+            assert_close(b, a, np.float64, "grad", "penalty")
+
+
+def test_double_backward_of_a_packed_projected_lstm_matches_torch_nn():
+    torch.manual_seed(0)
+    kwargs = dict(num_layers=2, bidirectional=True, proj_size=2, dtype=torch.float64)
+    reference, fast = torch.nn.LSTM(3, 4, **kwargs), ft.LSTM(3, 4, **kwargs)
+    fast.load_state_dict(reference.state_dict())
+    x0 = torch.randn(5, 3, 3, dtype=torch.float64)
+    results = []
+    for m in (reference, fast):
+        x = x0.clone().requires_grad_()
+        packed = pack_padded_sequence(x, torch.tensor([2, 5, 3]), enforce_sorted=False)
+        out, (h_n, c_n) = m(packed)
+        loss = out.data.sum() + h_n.square().sum() + c_n.sum()
+        (dx,) = torch.autograd.grad(loss, x, create_graph=True)
+        (loss + dx.square().sum()).backward()
+        results.append([p.grad.clone() for p in m.parameters()])
+    for want, got in zip(*results):
+        assert_close(got, want, np.float64, "grad", "penalty")
+
+
+def test_hessian_and_batched_jacobian_match_torch_nn():
+    reference, fast = gru_twins()
+    x = torch.randn(3, 1, 3, dtype=torch.float64)
+    want = torch.autograd.functional.hessian(lambda t: reference(t)[0].sum(), x)
+    got = torch.autograd.functional.hessian(lambda t: fast(t)[0].sum(), x)
+    assert want.abs().max() > 0
+    assert_close(got, want, np.float64, "grad", "hessian")
+    want = torch.autograd.functional.jacobian(lambda t: reference(t)[0], x, vectorize=True)
+    got = torch.autograd.functional.jacobian(lambda t: fast(t)[0], x, vectorize=True)
+    assert_close(got, want, np.float64, "grad", "jacobian")
+    x.requires_grad_()
+    v = torch.randn(4, 3, 1, 4, dtype=torch.float64)
+    want = torch.autograd.grad(reference(x)[0], x, v, is_grads_batched=True)[0]
+    got = torch.autograd.grad(fast(x)[0], x, v, is_grads_batched=True)[0]
+    assert_close(got, want, np.float64, "grad", "is_grads_batched")
+
+
+def test_double_backward_with_dropout_in_training_is_a_clear_error():
+    fast = ft.LSTM(3, 4, num_layers=2, dropout=0.5)
+    x = torch.randn(5, 2, 3, requires_grad=True)
+    with pytest.raises(RuntimeError, match="cannot repeat fastrnn's dropout masks"):
+        torch.autograd.grad(fast(x)[0].sum(), x, create_graph=True)
+    fast.eval()
+    (dx,) = torch.autograd.grad(fast(x)[0].sum(), x, create_graph=True)
+    assert dx.requires_grad
+
+
+# torch's forward-mode AD of its RNN operators scripts a helper with TorchScript.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_forward_mode_ad_falls_back_to_torch():
+    import torch.autograd.forward_ad as fwad
+
+    reference, fast = gru_twins()
+    x, tangent = (
+        torch.randn(5, 2, 3, dtype=torch.float64),
+        torch.randn(5, 2, 3, dtype=torch.float64),
+    )
+    with fwad.dual_level():
+        want = fwad.unpack_dual(reference(fwad.make_dual(x, tangent))[0]).tangent
+        with pytest.warns(ft.FastRNNFallbackWarning, match="forward-mode AD"):
+            got = fwad.unpack_dual(fast(fwad.make_dual(x, tangent))[0]).tangent
+    assert got is not None
+    assert_close(got.detach(), want.detach(), np.float64, "grad", "tangent")
 
 
 def test_dropout_between_layers():

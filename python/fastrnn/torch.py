@@ -20,8 +20,9 @@ What runs where:
   :class:`~torch.nn.utils.rnn.PackedSequence` input, batched or not, every constructor option
   (``num_layers``, ``bidirectional``, ``bias``, ``batch_first``, ``dropout``, ``proj_size``,
   ``nonlinearity``): fastrnn, through one ``torch.autograd.Function`` per call.
-* Anything else (other devices or dtypes, autocast, ``vmap`` / ``torch.func`` transforms, tensor
-  subclasses): torch's own implementation, with a :class:`FastRNNFallbackWarning` once per module.
+* Anything else (other devices or dtypes, autocast, ``vmap`` / ``torch.func`` transforms,
+  forward-mode AD, tensor subclasses): torch's own implementation, with a
+  :class:`FastRNNFallbackWarning` once per module.
 * Under ``torch.compile``: fastrnn. Dynamo does not trace torch.nn's recurrent modules; it runs
   their calls between its compiled graphs, and leaves this module's call whole.
 * Under an exporter or tracer (``torch.export``, ``torch.jit.trace`` and so the TorchScript-based
@@ -31,15 +32,18 @@ What runs where:
 
 Weights: each module keeps a private fastrnn layer (one per weight dtype) that reads the
 parameters without copying them and packs them lazily. Before each forward every Parameter's
-``(data_ptr(), _version)`` is compared with the last call and only the changed ones are repacked,
-so optimizer steps, ``load_state_dict``, ``.to()`` and ``.data = ...`` are all seen. Weights that
-are not Parameters (parametrizations, ``torch.func.functional_call``) are repacked on every call.
+address, strides and ``_version`` are compared with the last call and only the changed ones are
+repacked, so optimizer steps (fused ones through an optimizer hook that bumps the version they do
+not), ``load_state_dict``, ``.to()`` and ``.data = ...`` are all seen. Weights that are not
+Parameters (parametrizations, ``torch.func.functional_call``) are repacked on every call.
 In-place writes that torch's version counter does not see (``param.data.mul_(...)``, writes
 through a NumPy view) need ``module.repack_weights()`` before the next forward.
 
 Autograd: a forward keeps what its backward needs only when grad mode is on and some input or
 weight requires grad. A second backward through one forward (``retain_graph=True``, gradcheck,
-jacobians) runs that forward again on its saved inputs; double backward is not supported. A
+jacobians) runs that forward again on its saved inputs. A backward that must be differentiable
+itself (``create_graph=True``) or that gets batched gradients (``is_grads_batched=True``) runs
+torch's own implementation on the saved inputs, except with dropout in training (an error). A
 backward uses the weights its forward ran with, even if an optimizer changed them in between
 (torch.nn raises an error there instead).
 
@@ -64,9 +68,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
-from torch.autograd.function import once_differentiable
+from torch import _VF, nn
+from torch.autograd import forward_ad
 from torch.nn.utils.rnn import PackedSequence
+from torch.optim.optimizer import Optimizer, register_optimizer_step_post_hook
 
 from . import _core
 from . import layers as _layers
@@ -112,12 +117,26 @@ def _run_on_torch_threads() -> None:
 
 _run_on_torch_threads()
 
+
+def _mark_fused_step(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+    """A fused optimizer step writes its parameters without bumping their version counters:
+    bump them, so that the next forward sees the new weights."""
+    for group in optimizer.param_groups:
+        if group.get("fused"):
+            for param in group["params"]:  # one at a time: torch < 2.4 takes no list
+                torch.autograd.graph.increment_version(param)
+
+
+register_optimizer_step_post_hook(_mark_fused_step)
+
 _is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)
 _is_tracing = torch._C._is_tracing
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: False)
 _has_torch_function = torch._C._has_torch_function
 _functorch = getattr(torch._C, "_functorch", None)
 _is_functorch_wrapped = getattr(_functorch, "is_functorch_wrapped_tensor", lambda t: False)
+# The batched gradients of is_grads_batched=True (vectorized jacobians and hessians).
+_is_legacy_batched = getattr(_functorch, "is_legacy_batchedtensor", lambda t: False)
 
 
 class FastRNNFallbackWarning(UserWarning):
@@ -137,10 +156,12 @@ class _Spec:
         self.units = [layer._unit_of(name) for name in names]
         self.shapes = [layer._params[name].shape for name in names]
         self.lstm = layer._gates == 4
-        # Per parameter: (data_ptr, _version, the tensor it was read from) at the last refresh, or
-        # None. Holding the tensor keeps its storage alive, so no other tensor can reuse the
-        # address and look unchanged.
-        self.synced: list[tuple[int, int, torch.Tensor] | None] = [None] * len(names)
+        # Per parameter: (data_ptr, strides, _version, the tensor it was read from) at the last
+        # refresh, or None. Holding the tensor keeps its storage alive, so no other tensor can
+        # reuse the address and look unchanged.
+        self.synced: list[tuple[int, tuple[int, ...], int, torch.Tensor] | None] = [None] * len(
+            names
+        )
 
 
 class _Adapter:
@@ -155,8 +176,8 @@ class _Adapter:
 
 def _sync_weights(spec: _Spec, weights: list[torch.Tensor], trust_versions: bool = True) -> None:
     """Point the fastrnn layer at every weight changed since the last call (it repacks those
-    lazily, on its next forward). Only Parameters are trusted to be unchanged while their
-    ``(data_ptr, _version)`` is: plain tensors (parametrizations, functional_call, gradcheck's
+    lazily, on its next forward). Only Parameters are trusted to be unchanged while their address,
+    strides and ``_version`` are: plain tensors (parametrizations, functional_call, gradcheck's
     perturbations through ``.data``) are re-read on every call."""
     synced, params, packed = spec.synced, spec.layer._params, spec.layer._packed
     for i, w in enumerate(weights):
@@ -166,18 +187,24 @@ def _sync_weights(spec: _Spec, weights: list[torch.Tensor], trust_versions: bool
         except RuntimeError:  # inference tensors have no version counter: always re-read
             version = -1
         ptr = w.data_ptr()
-        if record is not None and version >= 0 and record[0] == ptr and record[1] == version:
+        if (
+            record is not None
+            and version >= 0
+            and record[0] == ptr
+            and record[2] == version
+            and w.stride() == record[1]  # ``.data =`` a transposed view, at the same address
+        ):
             continue
         held = w.detach()
-        array = held.numpy()
-        if not array.flags.c_contiguous:
+        array = _array(held)
+        if not array.flags.c_contiguous or held.is_neg():
             array = np.ascontiguousarray(array)
-            version = -1  # a copy: views with the same address may differ; re-read next time
+            version = -1  # a copy: re-read next time
         array.flags.writeable = False
         # A view of torch's memory, no copy: the layer packs from it on its next forward.
         params[spec.names[i]] = array
         packed.pop(spec.units[i], None)
-        synced[i] = (ptr, version, held)
+        synced[i] = (ptr, held.stride(), version, held)
 
 
 def _numpy_forward(
@@ -196,10 +223,10 @@ def _numpy_forward(
         layer.dropout = dropout[0]
         layer._rng = np.random.default_rng(dropout[1])
     out, h_n, c_n, tape = layer._forward_rows(
-        x.detach().numpy(),
+        _array(x),
         batch_sizes,
-        None if h0 is None else h0.detach().numpy(),
-        None if c0 is None else c0.detach().numpy(),
+        _array(h0),
+        _array(c0),
         keep,
         dropout is not None,
     )
@@ -207,9 +234,64 @@ def _numpy_forward(
     return torch.from_numpy(out), torch.from_numpy(h_n), c_t, tape
 
 
-def _grad_array(grad: torch.Tensor | None) -> np.ndarray | None:
-    # Upstream gradients may be expanded (stride 0) or transposed views: the core copies those.
-    return None if grad is None else grad.resolve_neg().numpy()
+def _array(t: torch.Tensor | None) -> np.ndarray | None:
+    """A NumPy view of t (a copy if its negative bit is set). Expanded (stride 0) or transposed
+    views are fine: the core copies those."""
+    if t is None:
+        return None
+    t = t.detach()
+    try:
+        return t.numpy()
+    except RuntimeError:  # the negative bit; checked only then, since a check costs 0.3 us
+        return t.resolve_neg().numpy()
+
+
+def _torch_backward(ctx: Any, grads: tuple[torch.Tensor | None, ...]) -> tuple[Any, ...]:
+    """The gradients of _RNNFunction's inputs by torch's own implementation, run again on the
+    saved inputs: for the backwards fastrnn's kernels cannot do, a differentiable one
+    (create_graph=True: double backward, gradient penalties, Hessians) or one on batched
+    gradients (is_grads_batched, vectorized jacobians)."""
+    ctx.tape = None
+    if ctx.dropout is not None:
+        raise RuntimeError(
+            "fastrnn.torch: a backward with create_graph=True or batched gradients runs torch's "
+            "own implementation, which cannot repeat fastrnn's dropout masks; run the forward "
+            "in eval mode or with dropout=0"
+        )
+    spec, batch_sizes = ctx.spec, ctx.batch_sizes
+    layer = spec.layer
+    x, h0, c0, *weights = ctx.saved_tensors
+    inputs = (x, h0, c0, *weights)
+    needs = ctx.needs_input_grad[3:]  # after spec, batch_sizes, dropout
+    create_graph = torch.is_grad_enabled()
+    with torch.enable_grad():
+        batch = x.shape[1] if batch_sizes is None else int(batch_sizes[0])
+        units = layer.num_layers * layer.num_directions
+        if h0 is None:
+            h0 = x.new_zeros((units, batch, layer._output_size))
+        hx: Any = h0
+        if spec.lstm:
+            hx = (h0, x.new_zeros((units, batch, layer.hidden_size)) if c0 is None else c0)
+        options = (layer.bias, layer.num_layers, 0.0, False, layer.bidirectional)
+        op = getattr(_VF, layer._cell)  # lstm, gru, rnn_tanh or rnn_relu
+        if batch_sizes is None:
+            outputs = op(x, hx, weights, *options, False)
+        else:
+            outputs = op(x, torch.from_numpy(batch_sizes), hx, weights, *options)
+        used = [(o, g) for o, g in zip(outputs, grads) if g is not None]
+        wanted = [t for t, need in zip(inputs, needs) if need]
+        found = iter(
+            torch.autograd.grad(
+                [o for o, _ in used],
+                wanted,
+                [g for _, g in used],
+                create_graph=create_graph,
+                allow_unused=True,
+            )
+            if used and wanted
+            else [None] * len(wanted)
+        )
+    return (None, None, None, *(next(found) if need else None for need in needs))
 
 
 class _RNNFunction(torch.autograd.Function):
@@ -236,8 +318,11 @@ class _RNNFunction(torch.autograd.Function):
         return (out, h_n, c_n) if spec.lstm else (out, h_n)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        if torch.is_grad_enabled() or any(
+            g is not None and (_is_legacy_batched(g) or _is_functorch_wrapped(g)) for g in grads
+        ):
+            return _torch_backward(ctx, grads)
         spec, tape = ctx.spec, ctx.tape
         ctx.tape = None
         if tape is None:  # a second backward: the same forward again, on the saved inputs
@@ -255,9 +340,9 @@ class _RNNFunction(torch.autograd.Function):
         grad_c = grads[2] if spec.lstm else None
         dx, dh0, dc0 = spec.layer._backward_rows(
             tape,
-            _grad_array(grad_out),
-            _grad_array(grad_h),
-            _grad_array(grad_c),
+            _array(grad_out),
+            _array(grad_h),
+            _array(grad_c),
             param_grads,
             grad_input=needs[3],
         )
@@ -301,17 +386,19 @@ class _FastRNNMixin:
         self._fastrnn = _Adapter()
 
     @classmethod
-    def from_torch(cls, module: nn.RNNBase) -> Any:
+    def from_torch(cls, module: nn.RNNBase, *, share_hooks: bool = False) -> Any:
         """A new module of this class with ``module``'s options, hooks and training mode that
-        shares its Parameter objects (an optimizer built on ``module`` keeps working)."""
+        shares its Parameter objects (an optimizer built on ``module`` keeps working). Later
+        registrations (parameters, hooks) on one module do not change the other; with
+        ``share_hooks`` the two share their hooks, so that handles made on ``module`` remove
+        them from the new module too (``patch`` replacing a module inside a model)."""
         state = module.__getstate__()
         new = cls.__new__(cls)
         new.__setstate__(state)
-        # Containers the old and the new module would otherwise share: later registrations on
-        # one must not change the other.
-        for key in ("_parameters", "_buffers", "_modules", "_flat_weights", "_flat_weights_names"):
-            if key in state:
-                new.__dict__[key] = copy.copy(state[key])
+        # Containers (dicts of parameters or hooks, lists of names) the two would otherwise share.
+        for key, value in state.items():
+            if isinstance(value, (dict, list, set)) and not (share_hooks and "hooks" in key):
+                new.__dict__[key] = copy.copy(value)
         new.__dict__["_all_weights"] = [list(names) for names in state["_all_weights"]]
         return new
 
@@ -441,6 +528,10 @@ class _FastRNNMixin:
             return "a tensor subclass with __torch_function__ is involved"
         if _is_functorch_wrapped(x):
             return "a torch.func transform (vmap, grad, ...) is active"
+        if forward_ad._current_level >= 0 and any(
+            forward_ad.unpack_dual(t).tangent is not None for t in tensors
+        ):
+            return "forward-mode AD (a dual tensor) is involved"
         return None
 
     def _warn_fallback(self, reason: str) -> None:
@@ -583,12 +674,14 @@ def patch(model: nn.Module) -> nn.Module:
 
     The replacements share the originals' Parameter objects (values, device, dtype and
     ``requires_grad`` are kept, and an optimizer created before the patch keeps updating them),
-    their hooks and training mode. Only modules whose type is exactly one of the three are
-    replaced: subclasses (own forward, parametrized modules) are left alone. A module shared by
-    several parents gets one replacement.
+    their hooks (hook handles made before the patch still remove them) and training mode. Only
+    modules whose type is exactly one of the three are replaced: subclasses (own forward,
+    parametrized modules) are left alone. A module shared by several parents gets one
+    replacement.
 
     If ``model`` itself is an ``nn.LSTM``, ``nn.GRU`` or ``nn.RNN``, a new module is returned
-    (sharing the parameters) and ``model`` is left unchanged: use ``model = patch(model)``.
+    (sharing the parameters, with copies of the hooks) and ``model`` is left unchanged: use
+    ``model = patch(model)``.
     """
     own = _REPLACEMENTS.get(type(model))
     if own is not None:
@@ -600,6 +693,8 @@ def patch(model: nn.Module) -> nn.Module:
             if cls is None:
                 continue
             if id(child) not in replaced:
-                replaced[id(child)] = cls.from_torch(child)  # type: ignore[attr-defined]
+                # It takes the child's place: the child's hook handles must still work.
+                twin = cls.from_torch(child, share_hooks=True)  # type: ignore[attr-defined]
+                replaced[id(child)] = twin
             setattr(parent, name, replaced[id(child)])
     return model
