@@ -4,8 +4,9 @@ Weights move freely between the two: ``layer.load_state_dict({k: v.numpy() for k
 torch_layer.state_dict().items()})`` and back with ``torch_layer.load_state_dict({k:
 torch.from_numpy(v) for k, v in layer.state_dict().items()})``.
 
-A layer runs one C++ call per layer and direction; the stacking of layers, the concatenation of
-directions, dropout between layers and the conversion of ``lengths`` to packed rows are NumPy.
+A layer runs one C++ call per layer, for both directions at once (each on a thread of its own,
+writing its half of the output rows); the stacking of layers, dropout between layers and the
+conversion of ``lengths`` to packed rows are NumPy.
 """
 
 from __future__ import annotations
@@ -186,10 +187,19 @@ class _Module:
         self._packed.clear()
 
     def zero_grad(self) -> None:
-        """Set every parameter gradient in ``grads`` to zeros (backward adds into them)."""
-        self.grads = {
-            name: np.zeros(shape, self.dtype) for name, shape in self._param_shapes().items()
-        }
+        """Set every parameter gradient in ``grads`` to zeros, in place where it can (backward
+        adds into them; an optimizer may hold the arrays)."""
+        for name, shape in self._param_shapes().items():
+            grad = self.grads.get(name)
+            if (
+                grad is not None
+                and grad.shape == shape
+                and grad.dtype == self.dtype
+                and grad.flags.writeable
+            ):
+                grad.fill(0)
+            else:
+                self.grads[name] = np.zeros(shape, self.dtype)
 
     def train(self, mode: bool = True) -> Any:
         self.training = bool(mode)
