@@ -157,7 +157,14 @@ def test_memcheck_finds_no_invalid_access_or_leak(isa, tmp_path):
             records = re.split(r"\n==\d+== \n", text)  # memcheck's records: blocks of lines
             ours = [record for record in records if _is_fastrnns(record)]
             assert not ours, "memcheck reports in fastrnn:\n" + "\n\n".join(ours)
-            lost[rounds] = re.findall(r"(?:definitely|indirectly) lost: ([\d,]+) bytes", text)
+            # In all: a block of the interpreter's may count as possibly lost in one run and as
+            # definitely lost in the next (Python 3.13, 60 bytes from an import).
+            lost[rounds] = sum(
+                int(n.replace(",", ""))
+                for n in re.findall(
+                    r"(?:definitely|indirectly|possibly) lost: ([\d,]+) bytes", text
+                )
+            )
     finally:
         for run in runs.values():  # after a failure, the other run too
             run.kill()
