@@ -28,7 +28,6 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import fastrnn  # noqa: E402
-import fastrnn.torch as ft  # noqa: E402
 
 # (seq_len, batch, hidden = input size)
 CASES = [(100, 1, 128), (25, 4, 512)]
@@ -53,6 +52,10 @@ def make_step(
     library: str, steps: int, batch: int, hidden: int, compiled: bool = False
 ) -> Callable[[], None]:
     """A closure running one training step of an LSTM(hidden, hidden) on fixed data."""
+    # Imported here, not at collection: importing fastrnn.torch moves fastrnn's parallel regions
+    # onto torch's OpenMP threads, which would change the other bench files' fastrnn rows.
+    import fastrnn.torch as ft
+
     torch.manual_seed(0)
     cls = ft.LSTM if library == "fastrnn.torch" else torch.nn.LSTM
     model: torch.nn.Module = cls(hidden, hidden)

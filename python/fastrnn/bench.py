@@ -91,7 +91,10 @@ class Case:
             per_row += directions * (
                 self.gates * self.hidden * (inputs + out) + out * self.hidden * (self.proj > 0)
             )
-        return 2.0 * rows * per_row * (3 if mode == "training" else 1)
+        total = 2.0 * rows * per_row * (3 if mode == "training" else 1)
+        if self.cell == "torch_step" and mode == "training":
+            total -= 2.0 * rows * self.gates * self.hidden * self.hidden  # x needs no gradient
+        return total
 
 
 # The cases of issue 3 (performance.md's DeepBench shapes) and issue 4 (GRU, lengths,
@@ -280,9 +283,11 @@ def torch_runner(case: Case, mode: str, threads: int) -> Callable[[], Any]:
         g = torch.from_numpy(grad_np[0])
 
         def train_step() -> None:
-            hy, cy = cell(x, state[0])
+            # The state requires grad, so that torch computes dh and dc as fastrnn's cell does.
+            h0, c0 = (s.detach().requires_grad_() for s in state[0])
+            hy, cy = cell(x, (h0, c0))
             hy.backward(g)
-            state[0] = (hy.detach(), cy.detach())
+            state[0] = (hy, cy)
 
         return train_step
     if case.cell == "torch_step":
@@ -449,13 +454,18 @@ def worker_main() -> None:
 
 
 class Worker:
-    def __init__(self, library: str) -> None:
+    def __init__(self, library: str, threads: int) -> None:
         self.library = library
+        env = dict(os.environ)
+        if library == "reference":  # NumPy's BLAS gets the threads every library gets
+            for variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+                env[variable] = str(threads)
         self.process = subprocess.Popen(
             [sys.executable, "-c", "from fastrnn.bench import worker_main; worker_main()"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
+            env=env,
         )
 
     def measure(self, case: Case, mode: str, threads: int, repeat: int) -> dict[str, Any]:
@@ -526,7 +536,7 @@ def run_benchmarks(
     """Median seconds per call for every (case, mode, library), interleaved round by round (the
     FMA units' limit: the best sample), with every sample under "samples"."""
     libraries = tuple(lib for lib in libraries if library_available(lib))
-    workers = {lib: Worker(lib) for lib in libraries}
+    workers = {lib: Worker(lib, threads) for lib in libraries}
     worker_pids = [worker.process.pid for worker in workers.values()]
     results = []
     try:
