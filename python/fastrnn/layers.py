@@ -147,10 +147,6 @@ class _Module:
         # The packed weights and pending training states are derived, per-process data: a copy or
         # an unpickled module repacks on its first call and needs a new forward for backward.
         state = self.__dict__.copy()
-        # Own containers, so that a shallow copy (copy.copy) and the original do not share
-        # parameters the other's packed weights would not follow, or gradients.
-        state["_params"] = dict(self._params)
-        state["grads"] = {name: grad.copy() for name, grad in self.grads.items()}
         state["_packed"] = {}
         state["_saved"] = None
         if "_tape" in state:
@@ -161,6 +157,16 @@ class _Module:
         self.__dict__.update(state)
         for array in self._params.values():
             array.setflags(write=False)  # unpickled arrays come back writable
+
+    def __copy__(self) -> Any:
+        # Containers of its own: sharing the parameter dict but not the packed weights, one module
+        # would compute with weights the other was assigned; sharing grads, both would add into
+        # them. (deepcopy and pickle copy everything already, through __getstate__.)
+        clone = type(self).__new__(type(self))
+        clone.__setstate__(self.__getstate__())
+        clone.__dict__["_params"] = dict(self._params)
+        clone.__dict__["grads"] = {name: grad.copy() for name, grad in self.grads.items()}
+        return clone
 
     def named_parameters(self) -> list[tuple[str, np.ndarray]]:
         return list(self._params.items())
