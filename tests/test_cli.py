@@ -49,6 +49,9 @@ def test_bench_prints_a_table_and_saves_json(tmp_path):
     assert "vs reference" in result.stdout
     saved = json.loads(path.read_text())
     assert saved["threads"] == 1
+    # which kernels ran: one machine's ratios differ by ISA (a VM may hide AVX-512)
+    assert saved["isa"] == fastrnn.active_isa()
+    assert f"fastrnn's kernels: {saved['isa']};" in result.stdout.splitlines()[0]
     limit, *rows = saved["results"]  # the FMA units' limit, measured first
     assert limit["fma"] and limit["seconds"]["fastrnn"] > 0
     assert "FMA units in this run:" in result.stdout
@@ -88,7 +91,8 @@ def test_table_reports_the_shares_of_the_limits():
         row("LSTM T1 B1 H8", 1e9, {"fastrnn": 0.01, "torch": 0.02}, barrier=[4e-8, 1.6e-7]),
         row("LSTM T1 B2 H8", 1e9, {"fastrnn": 0.01}, barrier=[3.5e-8]),
     ]
-    table = bench.format_table(results, threads=2)
+    table = bench.format_table(results, threads=2, isa="avx2")
+    assert table.startswith("threads: 2; fastrnn's kernels: avx2; medians;")
     assert "over the run: median 40 ns, 35-160 ns" in table  # the limits' rows left out
     assert "SGEMM in this run: 200.0 GFLOP/s" in table
     assert "FMA units in this run: 400.0 GFLOP/s" in table

@@ -127,13 +127,14 @@ def bench(args: argparse.Namespace) -> int:
         progress=progress,
     )
     print("\r" + " " * 78 + "\r", end="", file=sys.stderr)
-    print(benchmarks.format_table(results, args.threads))
+    isa = _core.active_isa()  # the bench's worker processes inherit FASTRNN_ISA
+    print(benchmarks.format_table(results, args.threads, isa))
     for r in results:
         for library, error in r["errors"].items():
             print(f"{r['case']} {r['mode']}: {library} failed: {error}", file=sys.stderr)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"threads": args.threads, "results": results}, f, indent=1)
+            json.dump({"threads": args.threads, "isa": isa, "results": results}, f, indent=1)
     if args.plot:
         benchmarks.plot(results, args.plot)
     return 0

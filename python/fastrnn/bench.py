@@ -596,8 +596,10 @@ def _without_limits(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in results if not (r.get("sgemm") or r.get("fma"))]
 
 
-def format_table(results: list[dict[str, Any]], threads: int) -> str:
-    """A Markdown table: median times, fastrnn's GFLOP/s and its speed-up over each peer."""
+def format_table(results: list[dict[str, Any]], threads: int, isa: str | None = None) -> str:
+    """A Markdown table: median times, fastrnn's GFLOP/s and its speed-up over each peer.
+    `isa`: the instruction set of fastrnn's kernels, named in the first line (one machine's
+    ratios differ by ISA: a VM may hide AVX-512 from a CPU that has it)."""
     sgemm_gflops = _limit_gflops(results, "sgemm", "torch")
     fma_gflops = _limit_gflops(results, "fma", "fastrnn")
     results = _without_limits(results)
@@ -605,7 +607,9 @@ def format_table(results: list[dict[str, Any]], threads: int) -> str:
     head = ["case", "mode", "fastrnn", "GFLOP/s", *(["of FMA"] if fma_gflops else [])]
     head += [*peers, *(f"vs {p}" for p in peers)]
     lines = [
-        f"threads: {threads}; medians; 'vs X' = X's time / fastrnn's time (higher: fastrnn faster)",
+        f"threads: {threads}; "
+        + (f"fastrnn's kernels: {isa}; " if isa else "")
+        + "medians; 'vs X' = X's time / fastrnn's time (higher: fastrnn faster)",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
     ]
