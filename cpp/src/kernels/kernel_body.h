@@ -619,7 +619,7 @@ FASTRNN_INLINE long panel_in_order(bool descending, long first, long last, long 
 template <class V, int NV, class Epilogue>
 void run_step_forward(const StepForwardArgs<typename V::value_type>& args) {
   using T = typename V::value_type;
-  constexpr int MR = kMicroRows;
+  constexpr int MR = forward_step_rows(NV);
   constexpr long W = V::lanes;
   const long panel_size = args.layout->output * NV * W;
   // Panels [first, last) for R rows from row0, with a side product of SR rows if SR > 0 (then

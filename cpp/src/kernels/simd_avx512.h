@@ -91,6 +91,8 @@ struct Simd<double> {
   using type = F64x8;
 };
 constexpr int kMicroRows = 6;  // rows of the micro-kernel: 6 x 4 accumulators of 32 registers
+// Rows of a forward step's micro-kernel for panels of `vectors` vectors (see simd_avx2.h).
+constexpr int forward_step_rows(int /*vectors*/) { return kMicroRows; }
 
 }  // namespace avx512
 }  // namespace fastrnn

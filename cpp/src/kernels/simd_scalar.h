@@ -109,6 +109,8 @@ struct Simd<double> {
   using type = Lane<double, std::uint64_t, 52, 1023>;
 };
 constexpr int kMicroRows = 4;
+// Rows of a forward step's micro-kernel for panels of `vectors` vectors (see simd_avx2.h).
+constexpr int forward_step_rows(int /*vectors*/) { return kMicroRows; }
 
 }  // namespace scalar
 }  // namespace fastrnn
