@@ -30,6 +30,8 @@ def test_info_self_check_passes():
 
 
 def test_bench_prints_a_table_and_saves_json(tmp_path):
+    from fastrnn import bench
+
     path = tmp_path / "bench.json"
     result = _run(
         "bench",
@@ -59,6 +61,9 @@ def test_bench_prints_a_table_and_saves_json(tmp_path):
     for row in rows:
         assert row["barrier"] == [0.0] * 3  # fastrnn's, one per round: none on one thread
         assert set(row["seconds"]) == {"fastrnn", "reference"}
+        if bench.steal_seconds() is not None:  # Linux: each measurement's share of steal time
+            assert all(len(row["steal"][lib]) == 3 for lib in ("fastrnn", "reference"))
+            assert all(0 <= share <= 1 for shares in row["steal"].values() for share in shares)
         assert all(seconds > 0 for seconds in row["seconds"].values())
         for library, samples in row["samples"].items():
             assert min(samples) <= row["seconds"][library] <= max(samples)
@@ -86,15 +91,25 @@ def test_table_reports_the_shares_of_the_limits():
         return {"case": case, "mode": "inference", "flops": flops, "seconds": seconds, **flags}
 
     results = [
-        row(bench.FMA_LIMIT.name, 4e9, {"fastrnn": 0.01}, fma=True, barrier=[9e-6]),
+        row(bench.FMA_LIMIT.name, 4e9, {"fastrnn": 0.01}, fma=True, barrier=[9e-6], steal={}),
         row(bench.SGEMM.name, 2e9, {"torch": 0.01}, sgemm=True),
-        row("LSTM T1 B1 H8", 1e9, {"fastrnn": 0.01, "torch": 0.02}, barrier=[4e-8, 1.6e-7]),
+        row(
+            "LSTM T1 B1 H8",
+            1e9,
+            {"fastrnn": 0.01, "torch": 0.02},
+            barrier=[4e-8, 1.6e-7],
+            steal={"fastrnn": [0.0, 0.3], "torch": [0.0, 0.1]},
+        ),
         row("LSTM T1 B2 H8", 1e9, {"fastrnn": 0.01}, barrier=[3.5e-8]),
     ]
     table = bench.format_table(results, threads=2, isa="avx2")
     assert table.startswith("threads: 2; fastrnn's kernels: avx2; medians;")
     assert "over the run: median 40 ns, 35-160 ns" in table  # the limits' rows left out
     assert "SGEMM in this run: 200.0 GFLOP/s" in table
+    assert (
+        "over the run: 10.0% of the CPUs' time on average, at most 30% in one measurement "
+        "(fastrnn, LSTM T1 B1 H8 inference)" in table
+    )
     assert "FMA units in this run: 400.0 GFLOP/s" in table
     assert "| case | mode | fastrnn | GFLOP/s | of FMA | torch | vs torch |" in table
     assert (

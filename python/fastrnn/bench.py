@@ -523,6 +523,17 @@ def wait_until_idle(pids: list[int], pause: float, limit: float = 1.0) -> float:
     return time.perf_counter() - start
 
 
+def steal_seconds() -> float | None:
+    """CPU seconds the hypervisor has given other guests on this machine's CPUs, summed over
+    them (the steal column of Linux's /proc/stat); None where it is not reported."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def run_benchmarks(
     cases: tuple[Case, ...] = CASES,
     modes: tuple[str, ...] = MODES,
@@ -550,6 +561,9 @@ def run_benchmarks(
         for index, (case, mode) in enumerate(jobs):
             samples: dict[str, list[float]] = {}
             barriers: list[float] = []  # fastrnn's, one per round
+            # Per library and round: the share of the CPUs' time the hypervisor gave to other
+            # guests while it was timed (on a shared VM, the cause of most outliers).
+            steal: dict[str, list[float]] = {}
             errors: dict[str, str] = {}
             todo = [lib for lib in libraries if supported(lib, case, mode)]
             for round_ in range(rounds):
@@ -562,7 +576,13 @@ def run_benchmarks(
                         continue
                     # Waits until the previous library's thread pool stops spinning.
                     wait_until_idle(worker_pids, pause)
+                    steal_before, start = steal_seconds(), time.perf_counter()
                     answer = workers[lib].measure(case, mode, threads, repeat)
+                    elapsed, steal_after = time.perf_counter() - start, steal_seconds()
+                    if steal_before is not None and steal_after is not None:
+                        cpus = os.cpu_count() or 1
+                        share = (steal_after - steal_before) / (elapsed * cpus)
+                        steal.setdefault(lib, []).append(min(1.0, share))
                     if "error" in answer:
                         errors[lib] = answer["error"]
                     else:
@@ -579,6 +599,7 @@ def run_benchmarks(
             # Every sample too: on a shared VM the spread says how far one run's ratios can move.
             row["samples"] = samples
             row["barrier"] = barriers
+            row["steal"] = steal
             row["errors"] = errors
             results.append(row)
     finally:
@@ -602,6 +623,12 @@ def format_table(results: list[dict[str, Any]], threads: int, isa: str | None = 
     ratios differ by ISA: a VM may hide AVX-512 from a CPU that has it)."""
     sgemm_gflops = _limit_gflops(results, "sgemm", "torch")
     fma_gflops = _limit_gflops(results, "fma", "fastrnn")
+    stolen = [  # the limits' measurements too
+        (share, r["case"], r["mode"], lib)
+        for r in results
+        for lib, shares in r.get("steal", {}).items()
+        for share in shares
+    ]
     results = _without_limits(results)
     peers = [lib for lib in LIBRARIES[1:] if any(lib in r["seconds"] for r in results)]
     head = ["case", "mode", "fastrnn", "GFLOP/s", *(["of FMA"] if fma_gflops else [])]
@@ -637,6 +664,14 @@ def format_table(results: list[dict[str, Any]], threads: int, isa: str | None = 
             f"Barrier of fastrnn's threads (once per time step at small batch) over the run: "
             f"median {1e9 * float(np.median(barriers)):.0f} ns, {1e9 * min(barriers):.0f}-"
             f"{1e9 * max(barriers):.0f} ns"
+        )
+    if stolen:
+        share, case, mode, lib = max(stolen)
+        notes.append(
+            f"Steal time (the hypervisor running other guests on these CPUs) over the run: "
+            f"{100 * float(np.mean([s[0] for s in stolen])):.1f}% of the CPUs' time on average, "
+            f"at most {100 * share:.0f}% in one measurement ({lib}, {case} {mode}); a measurement "
+            "under steal runs slower than the hardware allows"
         )
     lines[1:1] = notes
     for r in results:
