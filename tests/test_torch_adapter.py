@@ -107,13 +107,18 @@ def make_twins(opts: Options, dtype: torch.dtype, seed: int = 0):
     return reference, fast
 
 
-def gru_twins(dtype=torch.float64, **kwargs):
-    """A torch.nn.GRU(3, 4) and its fastrnn.torch twin."""
+def twins(kind, input_size, dtype, **kwargs):
+    """A torch.nn layer `kind`(input_size, 4) and its fastrnn.torch twin, with torch's weights."""
     torch.manual_seed(0)
-    reference = torch.nn.GRU(3, 4, dtype=dtype, **kwargs)
-    fast = ft.GRU(3, 4, dtype=dtype, **kwargs)
+    reference = getattr(torch.nn, kind)(input_size, 4, dtype=dtype, **kwargs)
+    fast = getattr(ft, kind)(input_size, 4, dtype=dtype, **kwargs)
     fast.load_state_dict(reference.state_dict())
     return reference, fast
+
+
+def gru_twins(dtype=torch.float64, **kwargs):
+    """A torch.nn.GRU(3, 4) and its fastrnn.torch twin."""
+    return twins("GRU", 3, dtype, **kwargs)
 
 
 def leaf(shape, dtype, gen):
@@ -468,9 +473,7 @@ def test_load_state_dict_and_functional_call_are_seen():
 
 
 def test_writes_through_data_need_repack_weights():
-    torch.manual_seed(0)
-    reference, fast = torch.nn.RNN(3, 4), ft.RNN(3, 4)
-    fast.load_state_dict(reference.state_dict())
+    reference, fast = twins("RNN", 3, torch.float32)
     x = torch.randn(5, 2, 3)
     fast(x)
     for p, q in zip(reference.parameters(), fast.parameters()):
@@ -496,9 +499,7 @@ def test_fused_optimizer_steps_are_seen(name):
 
 
 def test_data_assigned_a_view_at_the_same_address_is_seen():
-    torch.manual_seed(0)
-    reference, fast = torch.nn.RNN(4, 4), ft.RNN(4, 4)
-    fast.load_state_dict(reference.state_dict())
+    reference, fast = twins("RNN", 4, torch.float32)
     x = torch.randn(5, 2, 4)
     fast(x)
     for m in (reference, fast):
