@@ -275,6 +275,9 @@ CASES = [
     # steps take 4 rows: 7 as 4 + 3, 13 as 4 + 3 + 3 + 3).
     Case(9, 20, 7, 4),
     Case(9, 40, 13, 3, hx=False, grads="h"),
+    # AVX2 runs an LSTM's forward step at B=4 or 5 as one block, each panel in two halves, in
+    # blocks of 16 values of k (45 = 16 + 16 + 13; B=5: the case with H=129 above).
+    Case(21, 45, 4, 3, batch_first=True),
 ]
 
 

@@ -160,10 +160,11 @@ FASTRNN_INLINE void prefetch_values(const T* data, long count) {
 // ---------------------------------------------------------------------------------------------
 // The micro-kernel: acc[MR][NV] = A[MR rows, k] · panel[k, NV vectors].
 // A is strided (rows of h, or a packed block with row stride 1 and column stride MR); the panel
-// row k holds NV * lanes contiguous values. One line of `prefetch` per k (the k loop reads
-// NV * 64 bytes of the panel each).
+// row k holds NV * lanes contiguous values (PV * lanes apart: a part of a wider panel, see
+// multiply_panel_in_parts). One line of `prefetch` per k (the k loop reads NV * 64 bytes of the
+// panel each).
 
-template <class V, int MR, int NV>
+template <class V, int MR, int NV, int PV = NV>
 FASTRNN_INLINE void multiply_panel(long k_count, const typename V::value_type* a, long a_row_stride,
                                    long a_col_stride, const typename V::value_type* panel,
                                    V (&acc)[MR][NV],
@@ -183,7 +184,7 @@ FASTRNN_INLINE void multiply_panel(long k_count, const typename V::value_type* a
   auto step = [&](long k, V(&into)[MR][NV]) FASTRNN_LAMBDA_INLINE {
     V b[NV];
     FASTRNN_UNROLL
-    for (int v = 0; v < NV; ++v) b[v] = V::load(panel + (k * NV + v) * V::lanes);
+    for (int v = 0; v < NV; ++v) b[v] = V::load(panel + (k * PV + v) * V::lanes);
     const typename V::value_type* a_k = a + k * a_col_stride;
     FASTRNN_UNROLL
     for (int r = 0; r < MR; ++r) {
@@ -210,6 +211,55 @@ FASTRNN_INLINE void multiply_panel(long k_count, const typename V::value_type* a
       acc[r][v] = total;
     }
   }
+}
+
+// The micro-kernel for a block of more rows than the registers hold accumulators for over a
+// whole panel (AVX2: 16 registers, 3 rows x 4 vectors): the panel's Parts column parts one after
+// the other, so that the block still reads each value of the panel once. The parts take turns
+// every kPartBlockK values of k, so that they read adjacent lines of the panel together: one part
+// over the whole panel, then the next, strode over every other line, and an LSTM's forward steps
+// at B=4, H=512 (W_hh from L3) ran 1.01-1.07x as fast as two blocks of 2 rows in four runs of five,
+// not 1.19-1.21x.
+constexpr long kPartBlockK = 16;
+template <class V, int MR, int NV, int Parts>
+FASTRNN_INLINE void multiply_panel_in_parts(long k_count, const typename V::value_type* a,
+                                            long a_row_stride, const typename V::value_type* panel,
+                                            V (&acc)[MR][NV]) {
+  static_assert(NV % Parts == 0, "a panel splits into equal parts");
+  constexpr int PV = NV / Parts;
+  FASTRNN_UNROLL
+  for (int r = 0; r < MR; ++r) {
+    FASTRNN_UNROLL
+    for (int v = 0; v < NV; ++v) acc[r][v] = V::zero();
+  }
+  for (long k0 = 0; k0 < k_count; k0 += kPartBlockK) {
+    const long k_block = min_long(kPartBlockK, k_count - k0);
+    FASTRNN_UNROLL
+    for (int part = 0; part < Parts; ++part) {
+      V sums[MR][PV];
+      multiply_panel<V, MR, PV, NV>(k_block, a + k0, a_row_stride, 1,
+                                    panel + (k0 * NV + part * PV) * V::lanes, sums);
+      FASTRNN_UNROLL
+      for (int r = 0; r < MR; ++r) {
+        FASTRNN_UNROLL
+        for (int v = 0; v < PV; ++v) acc[r][part * PV + v] = acc[r][part * PV + v] + sums[r][v];
+      }
+    }
+  }
+}
+
+// acc = a block of R rows (row k of a at a + k, rows a_row_stride apart) · a panel of NV vectors:
+// in one pass while R x NV accumulators fit the registers beside a panel row (kMicroRows x 4), else
+// in halves of the panel, or vector by vector for an odd NV.
+template <class V, int R, int NV>
+FASTRNN_INLINE void multiply_block(long k_count, const typename V::value_type* a, long a_row_stride,
+                                   const typename V::value_type* panel, V (&acc)[R][NV],
+                                   Prefetch<typename V::value_type> prefetch) {
+  constexpr int parts = R * NV <= kMicroRows * 4 ? 1 : NV % 2 == 0 ? 2 : NV;
+  if constexpr (parts == 1)
+    multiply_panel<V, R, NV>(k_count, a, a_row_stride, 1, panel, acc, prefetch);
+  else  // a single block, which has nothing to prefetch
+    multiply_panel_in_parts<V, R, NV, parts>(k_count, a, a_row_stride, panel, acc);
 }
 
 // Batch 1 with a side product (StepForwardArgs::side_x): acc = h · panel, as
@@ -620,6 +670,7 @@ template <class V, int NV, class Epilogue>
 void run_step_forward(const StepForwardArgs<typename V::value_type>& args) {
   using T = typename V::value_type;
   constexpr int MR = forward_step_rows(NV);
+  constexpr int single_block = single_block_rows(NV);
   constexpr long W = V::lanes;
   const long panel_size = args.layout->output * NV * W;
   // Panels [first, last) for R rows from row0, with a side product of SR rows if SR > 0 (then
@@ -640,6 +691,12 @@ void run_step_forward(const StepForwardArgs<typename V::value_type>& args) {
       k3 = L.output;
     }
     const T* h = s.h_prev ? s.h_prev + row0 * s.h_prev_stride : nullptr;
+    // acc = h[R rows, units [k_begin, k_end)] · the panel's rows for those units.
+    auto multiply = [&](long k_begin, long k_end, const T* panel, V(&acc)[R][NV],
+                        Prefetch<T> prefetch) FASTRNN_LAMBDA_INLINE {
+      multiply_block<V, R, NV>(k_end - k_begin, h + k_begin, s.h_prev_stride,
+                               panel + k_begin * NV * W, acc, prefetch);
+    };
     for (long i = first; i < last; ++i) {
       const long p = panel_in_order(s.descending, first, last, i);
       const T* panel = s.w_hh + p * panel_size;
@@ -672,9 +729,7 @@ void run_step_forward(const StepForwardArgs<typename V::value_type>& args) {
           multiplied = true;
         }
       }
-      if (!multiplied)
-        multiply_panel<V, R, NV>(k1 - k0, h + k0, s.h_prev_stride, 1, panel + k0 * NV * W, acc,
-                                 prefetch);
+      if (!multiplied) multiply(k0, k1, panel, acc, prefetch);
       if (s.part == StepPart::own_units) {
         T* partial = s.partial_sums + row0 * L.gate_stride + p * NV * W;
         FASTRNN_UNROLL
@@ -687,7 +742,7 @@ void run_step_forward(const StepForwardArgs<typename V::value_type>& args) {
       if (s.part == StepPart::other_units) {
         const T* partial = s.partial_sums + row0 * L.gate_stride + p * NV * W;
         V more[R][NV];
-        multiply_panel<V, R, NV>(k3 - k2, h + k2, s.h_prev_stride, 1, panel + k2 * NV * W, more);
+        multiply(k2, k3, panel, more, {});
         FASTRNN_UNROLL
         for (int r = 0; r < R; ++r) {
           FASTRNN_UNROLL
@@ -698,9 +753,9 @@ void run_step_forward(const StepForwardArgs<typename V::value_type>& args) {
       epilogue.template operator()<R>(acc, row0, p);
     }
   };
-  // Up to MR rows run every panel in one call of the row-count dispatch: a call per panel costs
-  // 3% of a batch-1 LSTM step at H=128 in set-up. More rows: panel by panel, so that all row
-  // blocks use a panel while it is in cache.
+  // A batch of up to single_block rows runs every panel in one call of the row-count dispatch: a
+  // call per panel costs 3% of a batch-1 LSTM step at H=128 in set-up. More rows: blocks of MR,
+  // panel by panel, so that all row blocks use a panel while it is in cache.
   if constexpr (side_block_steps<T>() > 0) {
     static_assert(side_block_steps<T>() >= NV, "a panel's gate vectors take a step each");
     if (args.side_x) {
@@ -710,8 +765,8 @@ void run_step_forward(const StepForwardArgs<typename V::value_type>& args) {
       return;
     }
   }
-  if (args.batch <= MR) {
-    with_rows<MR>(args.batch, [&]<int R>() {
+  if (args.batch <= single_block) {
+    with_rows<single_block>(args.batch, [&]<int R>() {
       panels.template operator()<R, 0>(0, args.panel_begin, args.panel_end, {});
     });
     return;
@@ -830,10 +885,12 @@ void run_step_backward(const StepBackwardArgs<typename V::value_type>& s,
   constexpr long W = V::lanes;
   const Layout& L = *s.layout;
   const PackedPanels<T>& w = *s.w_hh_t;
+  constexpr int single_block = single_block_rows(kGemmPanelVectors);
   const long next_batch = min_long(s.next_batch, s.batch);
+  const bool one_block = next_batch <= single_block;
   // Several row blocks prefetch the next panel in shares (see Prefetch).
-  const long row_blocks = (next_batch + MR - 1) / MR;
-  const bool even_blocks = even_row_blocks<MR>(next_batch);
+  const long row_blocks = one_block ? 1 : (next_batch + MR - 1) / MR;
+  const bool even_blocks = !one_block && even_row_blocks<MR>(next_batch);
   // Panels first to last on every step: alternating the order as the forward step does
   // (StepForwardArgs::descending) changed nothing here (training at B=1, 4 and 16: 0.99-1.01x).
   for (long col0 = s.col_begin; col0 < s.col_end; col0 += w.panel_width) {
@@ -846,10 +903,11 @@ void run_step_backward(const StepBackwardArgs<typename V::value_type>& s,
     // here and take dL/dh_n instead. Row blocks never straddle the two.
     for (long row0 = 0, block = 0; row0 < s.batch; ++block) {
       const bool continues = row0 < next_batch;
-      const long rows = continues
-                            ? row_block_size<MR>(next_batch, row0, block, row_blocks, even_blocks)
-                            : min_long(MR, s.batch - row0);
-      with_rows<MR>(rows, [&]<int R>() {
+      const long rows = !continues ? min_long(MR, s.batch - row0)
+                        : one_block
+                            ? next_batch
+                            : row_block_size<MR>(next_batch, row0, block, row_blocks, even_blocks);
+      with_rows<single_block>(rows, [&]<int R>() {
         with_vectors(width / W, [&]<int NV>() {
           V acc[R][NV];
           const long k_count = continues ? w.rows : 0;
@@ -859,7 +917,7 @@ void run_step_backward(const StepBackwardArgs<typename V::value_type>& s,
               next_bytes > 0 && continues
                   ? prefetch_share(panel + w.rows * w.panel_width, next_bytes, block, row_blocks)
                   : Prefetch<T>{};
-          multiply_panel<V, R, NV>(k_count, a, a_stride, 1, panel, acc, prefetch);
+          multiply_block<V, R, NV>(k_count, a, a_stride, panel, acc, prefetch);
           for (long r = 0; r < R; ++r) {
             const long row = row0 + r;
             FASTRNN_UNROLL

@@ -101,6 +101,7 @@ struct Simd<double> {
 constexpr int kMicroRows = 6;  // 6 x 4 accumulators of 32 registers
 // Rows of a forward step's micro-kernel for panels of `vectors` vectors (see simd_avx2.h).
 constexpr int forward_step_rows(int /*vectors*/) { return kMicroRows; }
+constexpr int single_block_rows(int vectors) { return forward_step_rows(vectors); }
 
 }  // namespace neon
 }  // namespace fastrnn

@@ -111,6 +111,7 @@ struct Simd<double> {
 constexpr int kMicroRows = 4;
 // Rows of a forward step's micro-kernel for panels of `vectors` vectors (see simd_avx2.h).
 constexpr int forward_step_rows(int /*vectors*/) { return kMicroRows; }
+constexpr int single_block_rows(int vectors) { return forward_step_rows(vectors); }
 
 }  // namespace scalar
 }  // namespace fastrnn
