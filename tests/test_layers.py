@@ -275,9 +275,11 @@ CASES = [
     # steps take 4 rows: 7 as 4 + 3, 13 as 4 + 3 + 3 + 3).
     Case(9, 20, 7, 4),
     Case(9, 40, 13, 3, hx=False, grads="h"),
-    # AVX2 runs an LSTM's forward step at B=4 or 5 as one block, each panel in two halves, in
-    # blocks of 16 values of k (45 = 16 + 16 + 13; B=5: the case with H=129 above).
+    # AVX2 runs a step at B=4 or 5 as one block of rows, each 4-vector panel in two halves that
+    # take turns every 16 values of k (45 = 16 + 16 + 13), a narrower one in one pass, or vector
+    # by vector (H=52: the backward step's last panel has 3 vectors).
     Case(21, 45, 4, 3, batch_first=True),
+    Case(9, 52, 5, 3, bias=False),
 ]
 
 

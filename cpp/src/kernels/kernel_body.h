@@ -216,10 +216,10 @@ FASTRNN_INLINE void multiply_panel(long k_count, const typename V::value_type* a
 // The micro-kernel for a block of more rows than the registers hold accumulators for over a
 // whole panel (AVX2: 16 registers, 3 rows x 4 vectors): the panel's Parts column parts one after
 // the other, so that the block still reads each value of the panel once. The parts take turns
-// every kPartBlockK values of k, so that they read adjacent lines of the panel together: one part
-// over the whole panel, then the next, strode over every other line, and an LSTM's forward steps
-// at B=4, H=512 (W_hh from L3) ran 1.01-1.07x as fast as two blocks of 2 rows in four runs of five,
-// not 1.19-1.21x.
+// every kPartBlockK values of k, so that they read adjacent lines of the panel together. Each part
+// over the whole panel in turn strides over every other line: an LSTM's forward steps at B=4,
+// H=512 (W_hh from L3) then ran 1.01-1.07x as fast as in two blocks of 2 rows (four runs of
+// five), against 1.19-1.21x with the turns.
 constexpr long kPartBlockK = 16;
 template <class V, int MR, int NV, int Parts>
 FASTRNN_INLINE void multiply_panel_in_parts(long k_count, const typename V::value_type* a,
