@@ -645,21 +645,37 @@ struct RnnForwardEpilogue {
   }
 };
 
-// Rows go in blocks of MR, but when that would leave a last block of fewer than MR / 2 rows, in
-// blocks of near-equal size: a block of 1 or 2 rows loads a vector of the panel per 1 or 2 FMAs
-// (AVX-512, H=256, the steps alone on one thread: LSTM B=8 as 4 + 4 rows instead of 6 + 2, 7.6%
-// faster; B=13 as 5 + 4 + 4, 7.6%; B=20, 5.3%; GRU B=8, 18%. An LSTM at B=16 with lengths
-// between T/2 and T, whose batch shrinks step by step: 17% a call in inference).
-template <int MR>
-FASTRNN_INLINE bool even_row_blocks(long batch) {
-  const long tail = batch % MR;
-  return tail != 0 && 2 * tail < MR;
-}
-// The rows of block `block` of `blocks` (batch / MR rounded up), which starts at row0.
-template <int MR>
-FASTRNN_INLINE long row_block_size(long batch, long row0, long block, long blocks, bool even) {
-  return even ? batch / blocks + (block < batch % blocks) : min_long(MR, batch - row0);
-}
+// How a step's batch splits into blocks of rows: a batch of up to Widest rows is one block (wider
+// than MR where the ISA multiplies it in parts, see single_block_rows); more rows go in blocks of
+// MR. A tail of fewer than MR rows joins the first block where that stays within Widest (AVX2's
+// LSTM: 16 as 4 + 3 + 3 + 3 + 3, not 3 + 3 + 3 + 3 + 2 + 2). Else, when the last block would hold
+// fewer than MR / 2 rows, blocks of near-equal size: a block of 1 or 2 rows loads a vector of the
+// panel per 1 or 2 FMAs (AVX-512, H=256, the steps alone on one thread: LSTM B=8 as 4 + 4 rows
+// instead of 6 + 2, 7.6% faster; B=13 as 5 + 4 + 4, 7.6%; B=20, 5.3%; GRU B=8, 18%. An LSTM at
+// B=16 with lengths between T/2 and T, whose batch shrinks step by step: 17% a call in inference).
+template <int MR, int Widest>
+struct RowBlocks {
+  long batch, count, first = 0;
+  bool even = false;
+  explicit RowBlocks(long rows) : batch(rows) {
+    const long tail = batch % MR;
+    if (batch <= Widest) {
+      first = batch;
+      count = 1;
+    } else if (tail != 0 && MR + tail <= Widest) {
+      first = MR + tail;
+      count = 1 + (batch - first) / MR;
+    } else {
+      count = (batch + MR - 1) / MR;
+      even = tail != 0 && 2 * tail < MR;
+    }
+  }
+  // The rows of block `block`, which starts at row row0.
+  long rows(long block, long row0) const {
+    if (first > 0) return block == 0 ? first : MR;
+    return even ? batch / count + (block < batch % count) : min_long(MR, batch - row0);
+  }
+};
 
 // Panel i of [first, last) in the order a step runs them (see StepForwardArgs::descending).
 FASTRNN_INLINE long panel_in_order(bool descending, long first, long last, long i) {
@@ -773,22 +789,21 @@ void run_step_forward(const StepForwardArgs<typename V::value_type>& args) {
   }
   // The row blocks of a panel prefetch the next panel in shares (see Prefetch).
   const long panel_bytes = panel_size * static_cast<long>(sizeof(T));
-  const long row_blocks = (args.batch + MR - 1) / MR;
+  const RowBlocks<MR, single_block> blocks(args.batch);
   const auto in_order = [&](long i) {
     return panel_in_order(args.descending, args.panel_begin, args.panel_end, i);
   };
-  const bool even_blocks = even_row_blocks<MR>(args.batch);
   for (long i = args.panel_begin; i < args.panel_end; ++i) {
     const long p = in_order(i);
     const T* next_panel =
         i + 1 < args.panel_end ? args.w_hh + in_order(i + 1) * panel_size : nullptr;
     long row0 = 0;
-    for (long block = 0; block < row_blocks; ++block) {
-      const long rows = row_block_size<MR>(args.batch, row0, block, row_blocks, even_blocks);
+    for (long block = 0; block < blocks.count; ++block) {
+      const long rows = blocks.rows(block, row0);
       const Prefetch<T> prefetch =
-          next_panel ? prefetch_share(next_panel, panel_bytes, block, row_blocks) : Prefetch<T>{};
-      with_rows<MR>(rows,
-                    [&]<int R>() { panels.template operator()<R, 0>(row0, p, p + 1, prefetch); });
+          next_panel ? prefetch_share(next_panel, panel_bytes, block, blocks.count) : Prefetch<T>{};
+      with_rows<single_block>(
+          rows, [&]<int R>() { panels.template operator()<R, 0>(row0, p, p + 1, prefetch); });
       row0 += rows;
     }
   }
@@ -887,10 +902,8 @@ void run_step_backward(const StepBackwardArgs<typename V::value_type>& s,
   const PackedPanels<T>& w = *s.w_hh_t;
   constexpr int single_block = single_block_rows(kGemmPanelVectors);
   const long next_batch = min_long(s.next_batch, s.batch);
-  const bool one_block = next_batch <= single_block;
   // Several row blocks prefetch the next panel in shares (see Prefetch).
-  const long row_blocks = one_block ? 1 : (next_batch + MR - 1) / MR;
-  const bool even_blocks = !one_block && even_row_blocks<MR>(next_batch);
+  const RowBlocks<MR, single_block> blocks(next_batch);
   // Panels first to last on every step: alternating the order as the forward step does
   // (StepForwardArgs::descending) changed nothing here (training at B=1, 4 and 16: 0.99-1.01x).
   for (long col0 = s.col_begin; col0 < s.col_end; col0 += w.panel_width) {
@@ -898,15 +911,12 @@ void run_step_backward(const StepBackwardArgs<typename V::value_type>& s,
     const T* panel = w.data + (col0 / w.panel_width) * w.rows * w.panel_width;
     const long next_width = min_long(w.panel_width, min_long(s.col_end, w.cols) - col0 - width);
     const long next_bytes =
-        row_blocks > 1 && next_width > 0 ? w.rows * next_width * static_cast<long>(sizeof(T)) : 0;
+        blocks.count > 1 && next_width > 0 ? w.rows * next_width * static_cast<long>(sizeof(T)) : 0;
     // Rows [0, next_batch) continue to step t+1 and take its gradient through W_hh; the others end
     // here and take dL/dh_n instead. Row blocks never straddle the two.
     for (long row0 = 0, block = 0; row0 < s.batch; ++block) {
       const bool continues = row0 < next_batch;
-      const long rows = !continues ? min_long(MR, s.batch - row0)
-                        : one_block
-                            ? next_batch
-                            : row_block_size<MR>(next_batch, row0, block, row_blocks, even_blocks);
+      const long rows = continues ? blocks.rows(block, row0) : min_long(MR, s.batch - row0);
       with_rows<single_block>(rows, [&]<int R>() {
         with_vectors(width / W, [&]<int NV>() {
           V acc[R][NV];
@@ -915,7 +925,7 @@ void run_step_backward(const StepBackwardArgs<typename V::value_type>& s,
           const T* a = continues ? s.grad_gates_next + row0 * a_stride : nullptr;
           const Prefetch<T> prefetch =
               next_bytes > 0 && continues
-                  ? prefetch_share(panel + w.rows * w.panel_width, next_bytes, block, row_blocks)
+                  ? prefetch_share(panel + w.rows * w.panel_width, next_bytes, block, blocks.count)
                   : Prefetch<T>{};
           multiply_block<V, R, NV>(k_count, a, a_stride, panel, acc, prefetch);
           for (long r = 0; r < R; ++r) {

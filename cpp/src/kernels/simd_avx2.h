@@ -104,14 +104,16 @@ constexpr int kMicroRows = 3;  // rows of the micro-kernel: 3 x 4 accumulators o
 // H512 inference at B=4 1.27x as fast, B=8 1.11x, B=16 1.06x (its steps alone 1.12x), B=64
 // 1.04x; H256 B16 1.08x; B=1, 2 and 5 (the same row blocks) unchanged.
 constexpr int forward_step_rows(int vectors) { return vectors == 3 ? 4 : kMicroRows; }
-// The largest batch a step runs as one block of rows (for panels of `vectors` vectors). A batch of
-// 4 or 5 with 4-vector panels (an LSTM's forward step, any backward step) would take two blocks of
-// at most 3 rows, each reading all of W_hh; as one block it reads W_hh once, multiplying each
-// panel in two halves of 2 vectors (multiply_panel_in_parts). In-process A/B, two threads: the
-// LSTM's forward steps alone (input size 1) at T25 H512 B=4 1.19-1.21x as fast, B=5 1.06-1.08x,
-// H256 B=4 1.21-1.25x; the backward steps too: training at T25 B4 H512 1.045x (LSTM, GRU). A batch
-// of 6 as one block ran 0.89x as fast as 3 + 3 rows, and B=8 and 16 in blocks of 4 to 6 rows no
-// faster than in blocks of 3 (B=64, H=1024: 0.93x).
+// The largest batch a step runs as one block of rows (for panels of `vectors` vectors), and the
+// widest block of a larger batch. A batch of 4 or 5 with 4-vector panels (an LSTM's forward step,
+// any backward step) would take two blocks of at most 3 rows, each reading all of W_hh; as one
+// block it reads W_hh once, multiplying each panel in two halves of 2 vectors
+// (multiply_panel_in_parts). In-process A/B, two threads: the LSTM's forward steps alone (input
+// size 1) at T25 H512 B=4 1.19-1.21x as fast, B=5 1.06-1.08x, H256 B=4 1.21-1.25x; the backward
+// steps too: training at T25 B4 H512 1.045x (LSTM, GRU). Larger batches take a block of 4 or 5
+// rows for their tail (RowBlocks): the LSTM's steps alone at B=16, H512 1.04x, H256 1.05x, B=7
+// 1.12x; training at B=16 1.02-1.06x; B=64, H=1024 unchanged. A batch of 6 as one block ran 0.89x
+// as fast as 3 + 3 rows, and B=8 and 16 in blocks of 4 to 6 rows no faster than in blocks of 3.
 constexpr int single_block_rows(int vectors) {
   return vectors == 4 ? 5 : forward_step_rows(vectors);
 }
