@@ -271,9 +271,9 @@ CASES = [
     Case(130, 257, 3, 5),
     Case(130, 257, 8, 1, bias=False, batch_first=True, hx=False, grads="h"),
     # Batches whose last block of micro-kernel rows would hold 1 or 2 rows run in blocks of
-    # near-equal size instead (7 and 13 in blocks of 6 or 3 rows, 13 in blocks of 4; AVX2's GRU
-    # steps take 4 rows: 7 as 4 + 3, 13 as 4 + 3 + 3 + 3), or, on AVX2 with 4-vector panels, with
-    # a first block of 4 or 5 rows (7 as 4 + 3, 13 as 4 + 3 + 3 + 3; 8 as 5 + 3 above).
+    # near-equal size instead (AVX-512's 6 rows: 7 as 4 + 3, 13 as 5 + 4 + 4; 4 rows, scalar and
+    # AVX2's GRU: 13 as 4 + 3 + 3 + 3), or, on AVX2 with 4-vector panels, give their tail to a
+    # first block of 4 or 5 rows (7 as 4 + 3, 13 as 4 + 3 + 3 + 3; 8 as 5 + 3 above).
     Case(9, 20, 7, 4),
     Case(9, 40, 13, 3, hx=False, grads="h"),
     # AVX2 runs a step at B=4 or 5 as one block of rows, each 4-vector panel in two halves that

@@ -258,7 +258,7 @@ FASTRNN_INLINE void multiply_block(long k_count, const typename V::value_type* a
   constexpr int parts = R * NV <= kMicroRows * 4 ? 1 : NV % 2 == 0 ? 2 : NV;
   if constexpr (parts == 1)
     multiply_panel<V, R, NV>(k_count, a, a_row_stride, 1, panel, acc, prefetch);
-  else  // a single block, which has nothing to prefetch
+  else  // no prefetch: a whole batch's block has none, a first block leaves its share unfetched
     multiply_panel_in_parts<V, R, NV, parts>(k_count, a, a_row_stride, panel, acc);
 }
 
