@@ -258,7 +258,8 @@ FASTRNN_INLINE void multiply_block(long k_count, const typename V::value_type* a
   constexpr int parts = R * NV <= kMicroRows * 4 ? 1 : NV % 2 == 0 ? 2 : NV;
   if constexpr (parts == 1)
     multiply_panel<V, R, NV>(k_count, a, a_row_stride, 1, panel, acc, prefetch);
-  else  // no prefetch: a whole batch's block has none, a first block leaves its share unfetched
+  else  // no prefetch: a whole batch's block has none, and a first block's share of the next panel,
+        // fetched by its first part, made steps at B=7, 16 and 64 0.96-1.01x as fast
     multiply_panel_in_parts<V, R, NV, parts>(k_count, a, a_row_stride, panel, acc);
 }
 
