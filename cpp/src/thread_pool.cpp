@@ -35,27 +35,38 @@ constexpr auto kWorkerBusySpin = std::chrono::microseconds(50);
 // free cores (two processes of two threads on two cores), a spinning waiter keeps the thread it
 // waits for off the CPU. A budget in time, not in pause instructions: a pause takes 34 ns on this
 // project's Zen 4, and the 16384 spun before yielding cost 0.56 ms at every step (two processes
-// at once, GRU T150 B1 H256: 85 ms a call, against 2.3-2.7 ms with 5 us and 1.17 ms alone; see
-// README, Threads). Alone, in-process A/B of seven layers at B=1 to 16: 0.997-1.010x.
+// at once, LSTM T100 B1 H128: up to 54 ms a call, against 1.0-1.5 ms with 5 us and 0.44-0.47 ms
+// alone; see README, Threads). Alone, old/new of seven layers at B=1 to 16: 0.995-1.039x.
 constexpr auto kBarrierSpin = std::chrono::microseconds(5);
-// The clock is read once per this many spins (a pause, 34 ns here; a clock read, 33 ns).
-constexpr unsigned kSpinsPerClockRead = 32;
 
 thread_local bool inside_region = false;
+
+// The pauses that last about kBarrierSpin, timed once (when the pool is made): no clock reads
+// while waiting, where a VM without a fast clock source would make each a system call.
+unsigned barrier_spin_pauses() {
+  static const unsigned pauses = [] {
+    constexpr int kSample = 1024;
+    const auto start = std::chrono::steady_clock::now();
+    for (int i = 0; i < kSample; ++i) FASTRNN_CPU_RELAX();
+    const std::chrono::duration<double, std::nano> elapsed =
+        std::chrono::steady_clock::now() - start;
+    const double pause_ns = std::max(1.0, elapsed.count() / kSample);
+    const double budget_ns = std::chrono::nanoseconds(kBarrierSpin).count();
+    return static_cast<unsigned>(std::clamp(budget_ns / pause_ns, 16.0, 1e6));
+  }();
+  return pauses;
+}
 
 // Spins until done() holds, for about kBarrierSpin, then yields between checks.
 template <class Done>
 void wait_until(Done done) {
-  std::chrono::steady_clock::time_point start;
-  for (unsigned spins = 1; !done(); ++spins) {
-    FASTRNN_CPU_RELAX();
-    if (spins % kSpinsPerClockRead != 0) continue;
-    const auto now = std::chrono::steady_clock::now();
-    if (spins == kSpinsPerClockRead) {
-      start = now;  // most waits end before the first read: the clock is not read at all
-    } else if (now - start > kBarrierSpin) {
-      while (!done()) std::this_thread::yield();
-      return;
+  const unsigned spin_pauses = barrier_spin_pauses();
+  for (unsigned spins = 0; !done();) {
+    if (spins < spin_pauses) {
+      ++spins;
+      FASTRNN_CPU_RELAX();
+    } else {
+      std::this_thread::yield();
     }
   }
 }
@@ -138,7 +149,7 @@ ThreadPool& ThreadPool::global() {
   return *pool;
 }
 
-ThreadPool::ThreadPool() = default;
+ThreadPool::ThreadPool() { barrier_spin_pauses(); }
 
 ThreadPool::~ThreadPool() { stop_workers(); }
 
