@@ -42,15 +42,20 @@ constexpr auto kBarrierSpin = std::chrono::microseconds(5);
 thread_local bool inside_region = false;
 
 // The pauses that last about kBarrierSpin, timed once (when the pool is made): no clock reads
-// while waiting, where a VM without a fast clock source would make each a system call.
+// while waiting, where a VM without a fast clock source would make each a system call. The
+// fastest of 8 rounds, so that a thread preempted while timing does not cut the spin short.
 unsigned barrier_spin_pauses() {
   static const unsigned pauses = [] {
-    constexpr int kSample = 1024;
-    const auto start = std::chrono::steady_clock::now();
-    for (int i = 0; i < kSample; ++i) FASTRNN_CPU_RELAX();
-    const std::chrono::duration<double, std::nano> elapsed =
-        std::chrono::steady_clock::now() - start;
-    const double pause_ns = std::max(1.0, elapsed.count() / kSample);
+    constexpr int kRounds = 8, kPausesPerRound = 128;
+    double fastest_ns = 1e9;
+    for (int round = 0; round < kRounds; ++round) {
+      const auto start = std::chrono::steady_clock::now();
+      for (int i = 0; i < kPausesPerRound; ++i) FASTRNN_CPU_RELAX();
+      const std::chrono::duration<double, std::nano> elapsed =
+          std::chrono::steady_clock::now() - start;
+      fastest_ns = std::min(fastest_ns, elapsed.count());
+    }
+    const double pause_ns = std::max(1.0, fastest_ns / kPausesPerRound);
     const double budget_ns = std::chrono::nanoseconds(kBarrierSpin).count();
     return static_cast<unsigned>(std::clamp(budget_ns / pause_ns, 16.0, 1e6));
   }();
