@@ -350,6 +350,12 @@ constexpr long kBlockM = kMicroRows * 24;
 // LSTM's training time (T=100, B=16, H=256, one core) to 3.4-3.8%.
 constexpr long kPackAhead = 4;
 
+// The row of C that row i of the product goes to (< 0: dropped).
+template <class T>
+FASTRNN_INLINE long c_row_index(const GemmArgs<T>& g, long i) {
+  return g.c_row_of ? g.c_row_of[i] : i;
+}
+
 // C (=|+=) A·B for a K of at most kRowByRowMaxK (a single step's weight gradients: K = batch; a
 // few input features), row by row of C: the blocked path's set-up of each tile of C costs more
 // than the tile's few FMAs. One core, C 512 x 128 with rows scattered as a weight gradient's,
@@ -367,7 +373,7 @@ void gemm_row_by_row(const GemmArgs<typename V::value_type>& args) {
   const GemmArgs<T> g = args;
   const PackedPanels<T> b = *g.b_packed;
   for (long i = 0; i < g.m; ++i) {
-    const long c_index = g.c_row_of ? g.c_row_of[i] : i;
+    const long c_index = c_row_index(g, i);
     if (c_index < 0) continue;
     T* const c_row = g.c + c_index * g.ldc;
     V a_i[K];
@@ -407,8 +413,6 @@ void gemm_blocked(const GemmArgs<T>& g) {
   constexpr long kInPlaceMaxPanels = 8;
   static_assert(kBlockM % MR == 0, "an A block holds whole micro-panels");
   const PackedPanels<T>& b = *g.b_packed;
-  // The row of C that row i of the product goes to (< 0: dropped).
-  const auto c_row_index = [&](long i) { return g.c_row_of ? g.c_row_of[i] : i; };
   const long panels = (b.cols + b.panel_width - 1) / b.panel_width;
   const long k_blocks = (g.k + kMaxBlockK<T> - 1) / kMaxBlockK<T>;
   const long block_k = (g.k + k_blocks - 1) / k_blocks;
@@ -473,7 +477,7 @@ void gemm_blocked(const GemmArgs<T>& g) {
               const bool add_c = accumulate;
               long c_rows[R];
               FASTRNN_UNROLL
-              for (int r = 0; r < R; ++r) c_rows[r] = c_row_index(m0 + r0 + r);
+              for (int r = 0; r < R; ++r) c_rows[r] = c_row_index(g, m0 + r0 + r);
               // Fetch this tile of C while the FMAs run: a weight gradient's rows (scattered
               // by c_row_of, megabytes in all) are rarely in cache, and a miss stalls the update.
               FASTRNN_UNROLL
@@ -520,7 +524,7 @@ void gemm(const GemmArgs<T>& g) {
   if (g.k <= 0) {
     if (!g.accumulate)
       for (long i = 0; i < g.m; ++i) {
-        const long c_index = g.c_row_of ? g.c_row_of[i] : i;
+        const long c_index = c_row_index(g, i);
         if (c_index < 0) continue;
         for (long j = 0; j < g.n; ++j) g.c[c_index * g.ldc + j] = g.bias ? g.bias[j] : T(0);
       }
