@@ -205,6 +205,45 @@ print(max(float(np.abs(a - b).max()) for a, b in zip(*outs)))
     assert float(result.stdout) < 1e-4
 
 
+@pytest.mark.skipif(
+    not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="needs two CPUs and os.sched_setaffinity",
+)
+def test_a_worker_leaves_the_calling_threads_cpu():
+    # The scheduler now and then wakes a worker on the calling thread's CPU, where the two pass
+    # each step's barrier only by yielding to each other. Put the worker there (pinned for a
+    # moment, then free again) with the calling thread pinned to that CPU: at its first long wait
+    # the worker moves to the free CPU. Same results. The scheduler may move it first on its own,
+    # so up to five tries.
+    code = """
+import os, numpy as np, fastrnn
+from fastrnn import _core
+fastrnn.set_num_threads(2)
+layer = fastrnn.LSTM(256, 256, seed=0).eval()
+x = np.random.default_rng(0).standard_normal((200, 1, 256)).astype(np.float32)
+expected, _ = layer(x)  # starts the worker
+def name(task):
+    with open(f"/proc/self/task/{task}/comm") as comm:
+        return comm.read().strip()
+workers = [int(t) for t in os.listdir("/proc/self/task") if name(t) == "fastrnn-worker"]
+assert len(workers) == 1, workers
+cpus = sorted(os.sched_getaffinity(0))
+os.sched_setaffinity(0, {cpus[0]})  # the calling thread
+for attempt in range(5):
+    os.sched_setaffinity(workers[0], {cpus[0]})
+    os.sched_setaffinity(workers[0], set(cpus))
+    moves = _core._cpu_moves()
+    out, _ = layer(x)
+    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-7)
+    if _core._cpu_moves() > moves:
+        break
+print(_core._cpu_moves())
+"""
+    result = _python(code)
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout) > 0
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_layers_work_in_a_forked_child(restore_threads):
     fastrnn.set_num_threads(2)

@@ -679,6 +679,9 @@ PYBIND11_MODULE(_core, m) {
   m.def("_barrier_seconds", &barrier_seconds, py::arg("rounds"),
         "Benchmark hook: seconds per barrier of the thread pool's threads, the synchronisation a "
         "time step split by hidden units pays once per step (0 on one thread).");
+  m.def("_cpu_moves", &ThreadPool::cpu_moves,
+        "Testing hook: how many times a worker has left a CPU it shared with another thread of "
+        "its parallel region.");
   m.def("activation", &activation, py::arg("name"), py::arg("x"),
         "Testing hook: the active ISA's vectorized activation applied to a 1-D array.");
 

@@ -78,6 +78,10 @@ class ThreadPool {
   // worker to acknowledge it, so thousands of them make every call milliseconds long.
   static constexpr int kMaxThreads = 1024;
 
+  // How many times a worker has left a CPU it shared with another thread of its region (see
+  // leave_shared_cpu in thread_pool.cpp).
+  static long cpu_moves();
+
   int threads() const { return threads_.load(); }
   void set_threads(int threads);
 
