@@ -63,10 +63,12 @@ class StepProgress {
 
 // Below this many multiply-adds in all (about 0.3 ms on one core), a call does not wait for
 // workers that sleep (after 2 ms idle): it runs on the calling thread and wakes them for the next
-// call. On this project's VM a woken worker started on the caller's own core in 35 of 80 jobs
-// (sched_getcpu), where it waited for the caller's spin (up to 0.4 ms) to yield: an LSTMCell step
-// at H=128, 20 ms after the previous one, took 610-650 us on two threads, 110-130 us on one, and
-// 110-150 us on two threads this way.
+// call. Waking one takes up to 0.5 ms on this project's VM, where the woken worker often starts on
+// the caller's own core (in 44-54 of 60 calls 20 ms apart, sched_getcpu) and leaves it at its
+// first wait (leave_shared_cpu in thread_pool.cpp). Measured before workers left a shared core: an
+// LSTMCell step at H=128, 20 ms after the previous one, took 610-650 us on two threads, 110-130 us
+// on one, and 110-150 us on two threads this way. Since, 2^20 here did not make calls of 2^20 to
+// 2^24 made 20 ms apart faster (LSTM T100 B1 H128 inference 0.81-0.91 ms, against 0.79-0.87).
 constexpr long kShortCallWork = 1L << 24;
 class ThreadPool {
  public:
