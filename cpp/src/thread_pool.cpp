@@ -59,21 +59,26 @@ thread_local int region_index = -1;  // this thread's index in the running regio
 thread_local int region_threads = 0;
 std::atomic<long> cpu_move_count{0};
 
+// Notes the CPU this thread runs on in the running region's table, and returns it (< 0: unknown).
+int note_cpu() {
+  const int cpu = sched_getcpu();
+  region_cpus[region_index].store(cpu + 1, std::memory_order_relaxed);
+  return cpu;
+}
+
 // Marks this thread as thread `index` of a region of `threads`, and notes its CPU.
 void enter_region(int index, int threads) {
   region_index = index;
   region_threads = threads;
-  region_cpus[index].store(sched_getcpu() + 1, std::memory_order_relaxed);
+  note_cpu();
 }
 
 void leave_region() { region_index = -1; }
 
 void leave_shared_cpu() {
   if (region_index < 0) return;
-  const int cpu = sched_getcpu();
-  if (cpu < 0 || cpu >= CPU_SETSIZE) return;
-  region_cpus[region_index].store(cpu + 1, std::memory_order_relaxed);
-  if (region_index == 0) return;
+  const int cpu = note_cpu();
+  if (cpu < 0 || cpu >= CPU_SETSIZE || region_index == 0) return;
   cpu_set_t taken;
   CPU_ZERO(&taken);
   bool shared = false;
