@@ -205,36 +205,51 @@ print(max(float(np.abs(a - b).max()) for a, b in zip(*outs)))
     assert float(result.stdout) < 1e-4
 
 
+# A layer's steps wait at a barrier; a cell's single step has none, so its worker checks when the
+# region starts.
+LAYER_CALL = """
+module = fastrnn.LSTM(256, 256, seed=0).eval()
+x = np.random.default_rng(0).standard_normal((200, 1, 256)).astype(np.float32)
+def call():
+    return module(x)[0]
+"""
+CELL_CALL = """
+module = fastrnn.LSTMCell(128, 128, seed=0).eval()
+x = np.random.default_rng(0).standard_normal((1, 128)).astype(np.float32)
+def call():
+    return module(x, (x, x))[0]
+"""
+
+
 @pytest.mark.skipif(
     not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
     reason="needs two CPUs and os.sched_setaffinity",
 )
-def test_a_worker_leaves_the_calling_threads_cpu():
+@pytest.mark.parametrize("call", [LAYER_CALL, CELL_CALL], ids=["layer", "cell"])
+def test_a_worker_leaves_the_calling_threads_cpu(call):
     # The scheduler now and then wakes a worker on the calling thread's CPU, where the two pass
     # each step's barrier only by yielding to each other. Put the worker there (pinned for a
-    # moment, then free again) with the calling thread pinned to that CPU: at its first long wait
-    # the worker moves to the free CPU. Same results. The scheduler may move it first on its own,
-    # so up to five tries.
-    code = """
+    # moment, then free again) with the calling thread pinned to that CPU: at the start of the
+    # next region, or at its first long wait, the worker moves to the free CPU. Same results. The
+    # scheduler may move it first on its own, so up to five tries.
+    code = f"""
 import os, numpy as np, fastrnn
 from fastrnn import _core
 fastrnn.set_num_threads(2)
-layer = fastrnn.LSTM(256, 256, seed=0).eval()
-x = np.random.default_rng(0).standard_normal((200, 1, 256)).astype(np.float32)
-expected, _ = layer(x)  # starts the worker
+{call}
+expected = call()  # starts the worker
 def name(task):
-    with open(f"/proc/self/task/{task}/comm") as comm:
+    with open(f"/proc/self/task/{{task}}/comm") as comm:
         return comm.read().strip()
 workers = [int(t) for t in os.listdir("/proc/self/task") if name(t) == "fastrnn-worker"]
 assert len(workers) == 1, workers
 cpus = sorted(os.sched_getaffinity(0))
-os.sched_setaffinity(0, {cpus[0]})  # the calling thread
+os.sched_setaffinity(0, {{cpus[0]}})  # the calling thread
 for attempt in range(5):
-    os.sched_setaffinity(workers[0], {cpus[0]})
+    os.sched_setaffinity(workers[0], {{cpus[0]}})
     os.sched_setaffinity(workers[0], set(cpus))
     moves = _core._cpu_moves()
-    out, _ = layer(x)
-    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(call(), expected, rtol=1e-6, atol=1e-7)
     if _core._cpu_moves() > moves:
         break
 print(_core._cpu_moves())
