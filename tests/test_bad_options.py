@@ -294,13 +294,31 @@ def cell_call(cell, x, h=None, c=None):
     return cell(x, h)
 
 
+def warm_cell(kind):
+    """A cell after a valid streaming call (its weights packed, nothing kept for backward): its
+    calls with arrays of its dtype take the core's direct path, which must reject the same
+    arguments with the same messages."""
+    cell = make_cell(kind)
+    zeros = np.zeros((B, H), F32)
+    cell_call(cell, np.ones((B, IN), F32), zeros, zeros if kind == "lstm" else None)
+    cell.clear_tape()
+    return cell
+
+
+CELLS = [pytest.param(make_cell, id="fresh"), pytest.param(warm_cell, id="warm")]
+
+
 @pytest.mark.parametrize(
     "shape", [(B, IN + 1), (IN - 1,), (2, B, IN), (), (B, 0)], ids=["2d", "1d", "3d", "0d", "zero"]
 )
 @pytest.mark.parametrize("kind", CELL_KINDS)
-def test_cell_bad_x_shape(kind, shape):
+@pytest.mark.parametrize("new_cell", CELLS)
+def test_cell_bad_x_shape(new_cell, kind, shape):
+    cell = new_cell(kind)
     with pytest.raises(ValueError, match=r"\binput\b.*" + shape_text(shape)):
-        cell_call(make_cell(kind), np.ones(shape, F32))
+        cell_call(cell, np.ones(shape, F32), np.zeros((B, H), F32), np.zeros((B, H), F32))
+    with pytest.raises(ValueError, match=r"\binput\b.*" + shape_text(shape)):
+        cell_call(cell, np.ones(shape, F32))
 
 
 @pytest.mark.parametrize("kind", CELL_KINDS)
@@ -324,8 +342,9 @@ H_CASES = [
     "x_shape,h_shape,expected", [c[1:] for c in H_CASES], ids=[c[0] for c in H_CASES]
 )
 @pytest.mark.parametrize("kind", CELL_KINDS)
-def test_cell_bad_h_shape(kind, x_shape, h_shape, expected):
-    cell = make_cell(kind)
+@pytest.mark.parametrize("new_cell", CELLS)
+def test_cell_bad_h_shape(new_cell, kind, x_shape, h_shape, expected):
+    cell = new_cell(kind)
     x = np.ones(x_shape, F32)
     with pytest.raises(ValueError, match=r"\bh\b.*" + shape_text(expected)):
         cell_call(cell, x, np.zeros(h_shape, F32), np.zeros(expected, F32))

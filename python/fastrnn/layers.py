@@ -906,6 +906,33 @@ class _CellBase(_Module):
             raise ValueError(f"{name} must have shape {_shape(shape)}, got {_shape(array.shape)}")
         return array
 
+    def _fast_step(self, x: Any, h: Any, c: Any) -> tuple[np.ndarray, np.ndarray | None] | None:
+        # The streaming path: batched arrays of the cell's dtype, weights packed for the call, go
+        # straight to the core, which checks their shapes (1.3 us of a 3.1 us step at H=4). None
+        # for anything else, and when the core rejects the arguments: then _step converts them, or
+        # says what is wrong in the layer's words.
+        dtype = self.dtype
+        if not (
+            type(x) is np.ndarray
+            and x.dtype is dtype
+            and x.ndim == 2
+            and type(h) is np.ndarray
+            and h.dtype is dtype
+            and (c is None or (type(c) is np.ndarray and c.dtype is dtype))
+        ):
+            return None
+        training = self.training
+        packed = self._packed.get("")
+        if packed is None or not packed.current or (training and not packed.trainable):
+            return None
+        try:
+            h_next, c_next, saved = _core.step(packed, x, h, c, training)
+        except ValueError:
+            return None
+        if saved is not None:
+            self._tape.append((saved, True, x.shape[0]))
+        return h_next, c_next
+
     def _step(self, x: Any, h: Any, c: Any) -> tuple[np.ndarray, np.ndarray | None]:
         # A streaming step costs a few microseconds, and every Python call in it about 0.1 us:
         # arguments that are already right (NumPy's dtype singletons make `is` exact) pass
@@ -996,6 +1023,10 @@ class LSTMCell(_CellBase):
         return self.forward(x, hx)
 
     def forward(self, x: Any, hx: tuple[Any, Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        if type(hx) is tuple and len(hx) == 2:
+            fast = self._fast_step(x, hx[0], hx[1])
+            if fast is not None:
+                return fast  # type: ignore[return-value]
         h, c = _state_pair(hx, "hx", "(h, c)")
         h_next, c_next = self._step(x, h, c)
         assert c_next is not None
@@ -1022,6 +1053,9 @@ class GRUCell(_CellBase):
         return self.forward(x, hx)
 
     def forward(self, x: Any, hx: Any = None) -> np.ndarray:
+        fast = self._fast_step(x, hx, None)
+        if fast is not None:
+            return fast[0]
         if isinstance(hx, tuple):
             raise TypeError(
                 f"hx must be an array h (not a tuple) or None for {type(self).__name__}"
