@@ -214,19 +214,18 @@ FASTRNN_INLINE void multiply_panel(long k_count, const typename V::value_type* a
 }
 
 // The micro-kernel for a block of more rows than the registers hold accumulators for over a
-// whole panel (AVX2: 16 registers, 3 rows x 4 vectors): the panel's Parts column parts one after
-// the other, so that the block still reads each value of the panel once. The parts take turns
-// every kPartBlockK values of k, so that they read adjacent lines of the panel together. Each part
-// over the whole panel in turn strides over every other line: an LSTM's forward steps at B=4,
-// H=512 (W_hh from L3) then ran 1.01-1.07x as fast as in two blocks of 2 rows (four runs of
-// five), against 1.19-1.21x with the turns.
+// whole panel (AVX2: 16 registers, 3 rows x 4 vectors): the panel's column parts (Widths vectors
+// each) one after the other, so that the block still reads each value of the panel once. The parts
+// take turns every kPartBlockK values of k, so that they read adjacent lines of the panel
+// together. Each part over the whole panel in turn strides over every other line: an LSTM's
+// forward steps at B=4, H=512 (W_hh from L3) then ran 1.01-1.07x as fast as in two blocks of 2
+// rows (four runs of five), against 1.19-1.21x with the turns.
 constexpr long kPartBlockK = 16;
-template <class V, int MR, int NV, int Parts>
+template <class V, int MR, int NV, int... Widths>
 FASTRNN_INLINE void multiply_panel_in_parts(long k_count, const typename V::value_type* a,
                                             long a_row_stride, const typename V::value_type* panel,
                                             V (&acc)[MR][NV]) {
-  static_assert(NV % Parts == 0, "a panel splits into equal parts");
-  constexpr int PV = NV / Parts;
+  static_assert((Widths + ...) == NV, "the parts cover the panel");
   FASTRNN_UNROLL
   for (int r = 0; r < MR; ++r) {
     FASTRNN_UNROLL
@@ -234,33 +233,45 @@ FASTRNN_INLINE void multiply_panel_in_parts(long k_count, const typename V::valu
   }
   for (long k0 = 0; k0 < k_count; k0 += kPartBlockK) {
     const long k_block = min_long(kPartBlockK, k_count - k0);
-    FASTRNN_UNROLL
-    for (int part = 0; part < Parts; ++part) {
+    int first = 0;  // the part's first vector
+    const auto part = [&]<int PV>() FASTRNN_LAMBDA_INLINE {
       V sums[MR][PV];
       multiply_panel<V, MR, PV, NV>(k_block, a + k0, a_row_stride, 1,
-                                    panel + (k0 * NV + part * PV) * V::lanes, sums);
+                                    panel + (k0 * NV + first) * V::lanes, sums);
       FASTRNN_UNROLL
       for (int r = 0; r < MR; ++r) {
         FASTRNN_UNROLL
-        for (int v = 0; v < PV; ++v) acc[r][part * PV + v] = acc[r][part * PV + v] + sums[r][v];
+        for (int v = 0; v < PV; ++v) acc[r][first + v] = acc[r][first + v] + sums[r][v];
       }
-    }
+      first += PV;
+    };
+    (part.template operator()<Widths>(), ...);
   }
 }
 
 // acc = a block of R rows (row k of a at a + k, rows a_row_stride apart) · a panel of NV vectors:
 // in one pass while R x NV accumulators fit the registers beside a panel row (kMicroRows x 4), else
-// in halves of the panel, or vector by vector for an odd NV.
+// in parts: all vectors but the last, then the last, where the first part's fit; else halves of
+// the panel. AVX2's 4 rows of an LSTM's 4 gate vectors as 3 + 1
+// have 12 accumulators in the first part, where halves have 8, just enough to cover the FMAs'
+// latency: a loop of each over 512 KiB to 2 MiB of panels on one core made 84-90 GFLOP/s against
+// 79-86, and an LSTM's steps at B=4, H=256 on one core (W_hh in L2) ran 1.039x as fast (24
+// alternating rounds in one process); at H=512, W_hh from L3, as fast as before.
 template <class V, int R, int NV>
 FASTRNN_INLINE void multiply_block(long k_count, const typename V::value_type* a, long a_row_stride,
                                    const typename V::value_type* panel, V (&acc)[R][NV],
                                    Prefetch<typename V::value_type> prefetch) {
-  constexpr int parts = R * NV <= kMicroRows * 4 ? 1 : NV % 2 == 0 ? 2 : NV;
-  if constexpr (parts == 1)
+  constexpr int kFit = kMicroRows * 4;
+  if constexpr (R * NV <= kFit)
     multiply_panel<V, R, NV>(k_count, a, a_row_stride, 1, panel, acc, prefetch);
-  else  // no prefetch: a whole batch's block has none, and a first block's share of the next panel,
-        // fetched by its first part, made steps at B=7, 16 and 64 0.96-1.01x as fast
-    multiply_panel_in_parts<V, R, NV, parts>(k_count, a, a_row_stride, panel, acc);
+  // No prefetch in parts: a whole batch's block has none, and a first block's share of the next
+  // panel, fetched by its first part, made steps at B=7, 16 and 64 0.96-1.01x as fast.
+  else if constexpr (NV > 2 && R * (NV - 1) <= kFit)
+    multiply_panel_in_parts<V, R, NV, NV - 1, 1>(k_count, a, a_row_stride, panel, acc);
+  else {
+    static_assert(NV % 2 == 0, "an odd panel's blocks fit in two parts (at most 5 rows)");
+    multiply_panel_in_parts<V, R, NV, NV / 2, NV / 2>(k_count, a, a_row_stride, panel, acc);
+  }
 }
 
 // Batch 1 with a side product (StepForwardArgs::side_x): acc = h · panel, as
