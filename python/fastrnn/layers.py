@@ -908,7 +908,7 @@ class _CellBase(_Module):
 
     def _fast_step(self, x: Any, h: Any, c: Any) -> tuple[np.ndarray, np.ndarray | None] | None:
         # The streaming path: batched arrays of the cell's dtype, weights packed for the call, go
-        # straight to the core, which checks their shapes (1.3 us of a 3.1 us step at H=4). None
+        # straight to the core, which checks their shapes (0.8 us of a 3.1 us call at H=4). None
         # for anything else, and when the core rejects the arguments: then _step converts them, or
         # says what is wrong in the layer's words.
         dtype = self.dtype

@@ -252,11 +252,11 @@ FASTRNN_INLINE void multiply_panel_in_parts(long k_count, const typename V::valu
 // acc = a block of R rows (row k of a at a + k, rows a_row_stride apart) · a panel of NV vectors:
 // in one pass while R x NV accumulators fit the registers beside a panel row (kMicroRows x 4), else
 // in parts: all vectors but the last, then the last, where the first part's fit; else halves of
-// the panel. AVX2's 4 rows of an LSTM's 4 gate vectors as 3 + 1
-// have 12 accumulators in the first part, where halves have 8, just enough to cover the FMAs'
-// latency: a loop of each over 512 KiB to 2 MiB of panels on one core made 84-90 GFLOP/s against
-// 79-86, and an LSTM's steps at B=4, H=256 on one core (W_hh in L2) ran 1.039x as fast (24
-// alternating rounds in one process); at H=512, W_hh from L3, as fast as before.
+// the panel. AVX2's 4 rows of an LSTM's 4 gate vectors as 3 + 1 have 12 accumulators in the first
+// part, where halves have 8, just enough to cover the FMAs' latency: a loop of each over 512 KiB
+// to 2 MiB of panels on one core made 84-90 GFLOP/s against 79-86, and an LSTM's steps at B=4,
+// H=256 on one core (W_hh in L2) ran 1.039x as fast (24 alternating rounds in one process); at
+// H=512, W_hh from L3, as fast as before.
 template <class V, int R, int NV>
 FASTRNN_INLINE void multiply_block(long k_count, const typename V::value_type* a, long a_row_stride,
                                    const typename V::value_type* panel, V (&acc)[R][NV],
@@ -269,7 +269,7 @@ FASTRNN_INLINE void multiply_block(long k_count, const typename V::value_type* a
   else if constexpr (NV > 2 && R * (NV - 1) <= kFit)
     multiply_panel_in_parts<V, R, NV, NV - 1, 1>(k_count, a, a_row_stride, panel, acc);
   else {
-    static_assert(NV % 2 == 0, "an odd panel's blocks fit in two parts (at most 5 rows)");
+    static_assert(NV % 2 == 0, "an odd panel's blocks are small enough for NV - 1 vectors");
     multiply_panel_in_parts<V, R, NV, NV / 2, NV / 2>(k_count, a, a_row_stride, panel, acc);
   }
 }
