@@ -70,19 +70,18 @@ int note_cpu() {
   return cpu;
 }
 
-// Marks this thread as thread `index` of a region of `threads`, and notes its CPU.
-void enter_region(int index, int threads) {
+// Marks this thread as thread `index` of a region of `threads`, and notes its CPU (returned).
+int enter_region(int index, int threads) {
   region_index = index;
   region_threads = threads;
-  note_cpu();
+  return note_cpu();
 }
 
 void leave_region() { region_index = -1; }
 
-void leave_shared_cpu() {
-  if (region_index < 0) return;
-  const int cpu = note_cpu();
-  if (cpu < 0 || cpu >= CPU_SETSIZE || region_index == 0) return;
+// A worker of the running region, found on `cpu`: moves if another thread of the region is there.
+void move_off_shared_cpu(int cpu) {
+  if (cpu < 0 || cpu >= CPU_SETSIZE || region_index <= 0) return;
   cpu_set_t taken;
   CPU_ZERO(&taken);
   bool shared = false;
@@ -110,6 +109,11 @@ void leave_shared_cpu() {
     cpu_move_count.fetch_add(1, std::memory_order_relaxed);
     return;
   }
+}
+
+// The same from inside a wait: notes where this thread runs now first.
+void leave_shared_cpu() {
+  if (region_index >= 0) move_off_shared_cpu(note_cpu());
 }
 
 // The pauses that last about kBarrierSpin, timed once (when the pool is made): no clock reads
@@ -405,8 +409,7 @@ void ThreadPool::worker_loop(int index, std::uint64_t seen) {
     seen = sequence;
     if (stopping_.load()) return;
     if (index < job_threads_) {
-      enter_region(index, job_threads_);
-      leave_shared_cpu();
+      move_off_shared_cpu(enter_region(index, job_threads_));
       job_fn_(job_body_, ThreadContext{index, job_threads_, job_barrier_});
       leave_region();
     }

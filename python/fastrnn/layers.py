@@ -922,6 +922,7 @@ class _CellBase(_Module):
         ):
             return None
         training = self.training
+        # _packed_unit's test, inline: calling it added 0.2-0.4 us to a 2.4 us call at H=4.
         packed = self._packed.get("")
         if packed is None or not packed.current or (training and not packed.trainable):
             return None
