@@ -76,6 +76,37 @@ def test_lengths_and_stacks_do_not_depend_on_thread_count(
             assert_close(grad, results[0][1][name], np.float32, "grad", name)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("threads", [2, 5])
+def test_stolen_panels_give_the_same_results(isa, kind, dtype, threads, restore_threads):
+    # From batch 4, the threads of a step split by hidden units take each other's panels once
+    # their own are done (forward and backward steps), and the weight gradients' GEMMs hand out
+    # blocks of rows (G = 800 rows here). A thread that starts late, or is descheduled (5 threads
+    # on fewer cores), leaves panels to the others: call until that has happened.
+    from fastrnn import _core
+
+    steps, batch, inputs, hidden = 5, 6, 48, 200
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((steps, batch, inputs)).astype(dtype)
+    grad_out = rng.standard_normal((steps, batch, hidden)).astype(dtype)
+    layer = LAYERS[kind](inputs, hidden, dtype=dtype, seed=7)
+    fastrnn.set_num_threads(1)
+    expected = _train_step(layer, x, grad_out)
+    expected_inference, _ = layer.eval()(x)
+    fastrnn.set_num_threads(threads)
+    steals, start = _core._steals(), time.monotonic()
+    while _core._steals() == steals and time.monotonic() - start < 10:
+        layer.train().zero_grad()
+        out, grads = _train_step(layer, x, grad_out)
+        inference, _ = layer.eval()(x)
+        assert_close(out, expected[0], dtype, "fwd", "out")
+        assert_close(inference, expected_inference, dtype, "fwd", "inference out")
+        for name, grad in grads.items():
+            assert_close(grad, expected[1][name], dtype, "grad", name)
+    assert _core._steals() > steals, "no thread took panels of another in 10 s of calls"
+
+
 CELLS = {"lstm": fastrnn.LSTMCell, "gru": fastrnn.GRUCell, "rnn_tanh": fastrnn.RNNCell}
 
 

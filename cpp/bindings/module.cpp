@@ -682,6 +682,9 @@ PYBIND11_MODULE(_core, m) {
   m.def("_cpu_moves", &ThreadPool::cpu_moves,
         "Testing hook: how many times a worker has left a CPU it shared with another thread of "
         "its parallel region.");
+  m.def("_steals", &PanelRanges::steals,
+        "Testing hook: how many times a thread has taken time-step panels from another thread's "
+        "share (work stealing, at batch 4 and up).");
   m.def("activation", &activation, py::arg("name"), py::arg("x"),
         "Testing hook: the active ISA's vectorized activation applied to a 1-D array.");
 

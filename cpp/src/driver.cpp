@@ -5,10 +5,12 @@
 // Two ways to share a time step (performance.md, technique 6):
 // - hidden split (small batch): each thread owns a contiguous range of hidden-unit panels, so its
 //   slices of W_ih and W_hh stay in its own L2; it also computes x·W_ihᵀ for its own gate columns,
-//   so only h needs a barrier per step;
+//   so only h needs a barrier per step; from batch 4, a thread done with its own panels of a step
+//   takes some of another's (PanelRanges);
 // - batch split (large batch): each thread owns a range of batch rows and runs the whole time loop
 //   on them with no barrier; the input projection is shared by rows.
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -57,6 +59,11 @@ constexpr long kSideProductL2s = 4;
 // Up to this much of W_hh a thread, a step's last panels are still in L1 (32-48 KiB) when the next
 // step starts on them.
 constexpr long kL1Reuse = 128 << 10;
+// From this batch up, the threads of a hidden split share each step's panels by work stealing
+// (PanelRanges), so that a core slowed down by another guest does fewer of them. At batch 1 the
+// steps stream W_hh from each core's own L2, where a stolen panel would come from the other's:
+// LSTM T=150 H=256 and GRU, T=100 H=128, 0.98-1.01x as fast with stealing (in-process A/B).
+constexpr long kStealBatch = 4;
 
 template <class T>
 void copy_rows(T* dst, long dst_stride, const T* src, long src_stride, long rows, long cols) {
@@ -100,13 +107,38 @@ void gemm_panels(const KernelTable<T>& k, T* a_block, long m, long n, long kk, S
           out.bias ? out.bias + col0 : nullptr, out.c_row_of, a_block});
 }
 
+// A GEMM's blocks of rows, handed out one at a time to whichever thread asks first.
+struct alignas(64) BlockCounter {
+  std::atomic<long> next{0};
+};
+
 // This thread's part of a GEMM: by rows (in eights) or by B's panels, whichever leaves the
 // busiest thread the smaller share. A short GEMM split by rows idles a thread: M = 100 on two
 // threads is 56 + 44 rows, while its 8 panels split evenly (and each thread streams half of B).
+// Given `blocks` (a counter of its own, zero when the region starts), a GEMM of at least
+// kMinSharedBlocks of the kernel's blocks of rows a thread hands them out one by one instead, so
+// that a core slowed down by another guest does fewer (as PanelRanges for the steps): which rows
+// a block holds does not depend on the threads, nor do the results.
+constexpr long kMinSharedBlocks = 4;
 template <class T>
 void gemm_part(const KernelTable<T>& k, T* a_block, const ThreadContext& ctx, long m, long n,
-               long kk, StridedMatrix<T> a, const PackedPanels<T>& b, const GemmOutput<T>& out) {
+               long kk, StridedMatrix<T> a, const PackedPanels<T>& b, const GemmOutput<T>& out,
+               BlockCounter* blocks = nullptr) {
   if (m <= 0 || n <= 0) return;
+  const auto multiply_rows = [&](long begin, long end) {
+    StridedMatrix<T> rows{a.data + begin * a.row_stride, a.row_stride, a.col_stride};
+    T* c = out.c_row_of ? out.c : out.c + begin * out.ldc;
+    const long* c_row_of = out.c_row_of ? out.c_row_of + begin : nullptr;
+    k.gemm({end - begin, n, kk, rows, &b, c, out.ldc, out.accumulate, out.bias, c_row_of, a_block});
+  };
+  const long block_rows = k.gemm_block_rows;
+  if (blocks && ctx.count > 1 && m >= kMinSharedBlocks * block_rows * ctx.count) {
+    for (;;) {
+      const long begin = blocks->next.fetch_add(1, std::memory_order_relaxed) * block_rows;
+      if (begin >= m) return;
+      multiply_rows(begin, std::min(m, begin + block_rows));
+    }
+  }
   const long row_units = (m + 7) / 8;
   const long panels = std::min(panel_count(b), (n + b.panel_width - 1) / b.panel_width);
   const auto most = [&](long units) { return (units + ctx.count - 1) / ctx.count; };
@@ -114,11 +146,7 @@ void gemm_part(const KernelTable<T>& k, T* a_block, const ThreadContext& ctx, lo
   // most(rows) / rows <= most(panels) / panels, without division
   if (ctx.count == 1 || most(row_units) * panels <= most(panels) * row_units) {
     ctx.split(m, 8, begin, end);
-    if (begin == end) return;
-    StridedMatrix<T> rows{a.data + begin * a.row_stride, a.row_stride, a.col_stride};
-    T* c = out.c_row_of ? out.c : out.c + begin * out.ldc;
-    const long* c_row_of = out.c_row_of ? out.c_row_of + begin : nullptr;
-    k.gemm({end - begin, n, kk, rows, &b, c, out.ldc, out.accumulate, out.bias, c_row_of, a_block});
+    if (begin < end) multiply_rows(begin, end);
   } else {
     ctx.split(panels, 1, begin, end);
     gemm_panels(k, a_block, m, n, kk, a, b, begin, end, out);
@@ -154,6 +182,18 @@ void scatter_rows(T* dst, long dst_stride, const T* src, const std::vector<long>
   for (std::size_t r = 0; r < to.size(); ++r)
     std::memcpy(dst + to[r] * dst_stride, src + static_cast<long>(r) * cols,
                 static_cast<std::size_t>(cols) * sizeof(T));
+}
+
+// A step's panels on this thread: its own, claimed from the front (from the back when the step runs
+// descending), then those it steals from the other threads.
+template <class Run>
+void share_panels(const ThreadContext& ctx, PanelRanges& ranges, int parity, bool descending,
+                  Run&& run) {
+  long first = 0, last = 0;
+  while (ranges.claim(parity, ctx.index, descending, first, last)) run(first, last);
+  for (int i = 1; i < ctx.count; ++i)
+    while (ranges.steal(parity, (ctx.index + i) % ctx.count, descending, first, last))
+      run(first, last);
 }
 
 }  // namespace
@@ -310,6 +350,9 @@ void forward(const std::shared_ptr<const PackedLayer<T>>& layer, const Sequences
     if (c0) copy_rows(c_all, Hp, c0, H, batch, H);
   }
 
+  const bool steal_panels =
+      !batch_split && !side_product && !split_steps && threads > 1 && batch >= kStealBatch;
+  PanelRanges ranges(steal_panels ? threads : 0);
   AlignedBuffer<T> partial_sums(static_cast<std::size_t>(split_steps ? batch * G : 0));
   AlignedBuffer<T> gemm_blocks(static_cast<std::size_t>(threads * k.gemm_block_elements));
   StepProgress progress(split_steps ? threads : 0);
@@ -323,6 +366,7 @@ void forward(const std::shared_ptr<const PackedLayer<T>>& layer, const Sequences
       ctx.split(L.panels, 1, panel0, panel1);
       if (projected) ctx.split(panel_count(p.w_hr_panels), 1, proj0, proj1);
     }
+    if (steal_panels) ranges.reset(0, ctx.index, panel0, panel1);
 
     // Every other step runs the thread's panels last to first, so that it starts on the panels
     // the previous step used last: still in L2 when the thread's W_hh is about as large as its L2
@@ -373,9 +417,10 @@ void forward(const std::shared_ptr<const PackedLayer<T>>& layer, const Sequences
                     GemmOutput<T>{gates_chunk, G, p.bias.data()});
           ctx.sync();
         } else {
-          // The thread's own gate columns: no other thread reads them.
+          // The thread's own gate columns, which only a thread that steals its panels reads.
           gemm_panels(k, a_block, chunk_rows, G, I, {x_chunk, I, 1}, p.w_ih_panels, panel0, panel1,
                       GemmOutput<T>{gates_chunk, G, p.bias.data()});
+          if (steal_panels) ctx.sync();  // a thief reads these gate columns too
         }
       }
       const long row = first_row(t) + row0;
@@ -406,7 +451,18 @@ void forward(const std::shared_ptr<const PackedLayer<T>>& layer, const Sequences
         progress.finished(ctx, t);
         continue;
       }
-      if (has_panels) k.step_forward(step);
+      if (steal_panels) {
+        const int parity = static_cast<int>(t % 2);
+        const auto run_panels = [&](long first, long last) {
+          step.panel_begin = first;
+          step.panel_end = last;
+          k.step_forward(step);
+        };
+        if (step.batch > 0) share_panels(ctx, ranges, parity, step.descending, run_panels);
+        ranges.reset(1 - parity, ctx.index, panel0, panel1);
+      } else if (has_panels) {
+        k.step_forward(step);
+      }
       if (!batch_split) ctx.sync();  // h_t (h_full) is complete before anyone reads it
       if (projected && batch_split) {
         gemm_panels(k, a_block, step.batch, P, H, {h_full_t + row0 * H, H, 1}, p.w_hr_panels, 0,
@@ -514,18 +570,30 @@ void backward(TrainingState<T>& state, const T* grad_out_in, const T* grad_h_n, 
   // gradients' rows stream from two L2 caches (an LSTMCell training step at H = 128: 50 to 33 us).
   const int threads = threads_for(steps, batch * step_multiply_adds(L), 3);
   const bool batch_split = split_by_batch(p, batch, threads);
+  const bool steal_panels = !batch_split && threads > 1 && batch >= kStealBatch;
+  PanelRanges ranges(steal_panels ? threads : 0);
+  BlockCounter weight_gemm_blocks[4];  // dW_hh, dW_hr, dX, dW_ih
   AlignedBuffer<T> gemm_blocks(static_cast<std::size_t>(threads * k.gemm_block_elements));
   ThreadPool::global().run(threads, [&](const ThreadContext& ctx) {
     FlushDenormalsScope flush_denormals;
     T* const a_block = gemm_blocks.data() + ctx.index * k.gemm_block_elements;
     long row0 = 0, row1 = batch, col0 = 0, col1 = w_step.cols, proj0 = 0, proj1 = 0;
+    long panel0 = 0, panel1 = 0;  // of w_step, in a hidden split
+    const auto column = [&](long panel) {
+      return std::min(panel * w_step.panel_width, w_step.cols);
+    };
     if (batch_split) {
       ctx.split(batch, 1, row0, row1);
     } else {
-      ctx.split(panel_count(w_step), 1, col0, col1);
-      col0 = std::min(col0 * w_step.panel_width, w_step.cols);
-      col1 = std::min(col1 * w_step.panel_width, w_step.cols);
+      ctx.split(panel_count(w_step), 1, panel0, panel1);
+      col0 = column(panel0);
+      col1 = column(panel1);
       if (projected) ctx.split(panel_count(p.w_hh_t_panels), 1, proj0, proj1);
+    }
+    if (steal_panels) {  // the steps run from t = steps - 1 down, of either parity
+      ranges.reset(0, ctx.index, panel0, panel1);
+      ranges.reset(1, ctx.index, panel0, panel1);
+      ctx.sync();
     }
     // dL/dh_t [rows r0..r1, columns of panels proj0..proj1 of W_hh]: dG_{t+1}·W_hh for the rows
     // that continue, dL/dh_n for those that end, plus the output's gradient.
@@ -583,7 +651,18 @@ void backward(TrainingState<T>& state, const T* grad_out_in, const T* grad_h_n, 
         step.c_prev = state.c.data() + prev * Hp;
       }
       if (gru) step.hidden_gate = state.hidden_gate.data() + row * Hp;
-      if (step.batch > 0 && col0 < col1) k.step_backward(step);
+      if (steal_panels) {
+        const int parity = static_cast<int>(t % 2);
+        const auto run_panels = [&](long first, long last) {
+          step.col_begin = column(first);
+          step.col_end = column(last);
+          if (step.col_begin < step.col_end) k.step_backward(step);
+        };
+        if (step.batch > 0) share_panels(ctx, ranges, parity, false, run_panels);
+        ranges.reset(1 - parity, ctx.index, panel0, panel1);
+      } else if (step.batch > 0 && col0 < col1) {
+        k.step_backward(step);
+      }
       if (!batch_split) ctx.sync();  // dG_t is complete before anyone reads it
     }
     if (batch_split) ctx.sync();
@@ -609,10 +688,10 @@ void backward(TrainingState<T>& state, const T* grad_out_in, const T* grad_h_n, 
     gemm_part(k, a_block, ctx, batch, P, G, {dgates, G, 1}, p.w_hh_t_panels,
               GemmOutput<T>{grad_h0, P});
     gemm_part(k, a_block, ctx, G, P, rows, {dgates, 1, G}, h_panels,
-              GemmOutput<T>{grads.w_hh, P, nullptr, true, torch_row});
+              GemmOutput<T>{grads.w_hh, P, nullptr, true, torch_row}, &weight_gemm_blocks[0]);
     if (projected)
       gemm_part(k, a_block, ctx, P, H, rows, {grad_h.data(), 1, P}, h_full_panels,
-                GemmOutput<T>{grads.w_hr, H, nullptr, true});
+                GemmOutput<T>{grads.w_hr, H, nullptr, true}, &weight_gemm_blocks[1]);
     if (gru) {
       // The input side differs in the n gate: put its gradient into the n columns.
       add_bias_grads(nullptr, grads.b_hh);
@@ -633,9 +712,9 @@ void backward(TrainingState<T>& state, const T* grad_out_in, const T* grad_h_n, 
     // dX = dG · W_ih (unless not wanted) and dW_ih += dGᵀ·x.
     if (grad_x)
       gemm_part(k, a_block, ctx, rows, I, G, {dgates, G, 1}, p.w_ih_t_panels,
-                GemmOutput<T>{grad_x, I});
+                GemmOutput<T>{grad_x, I}, &weight_gemm_blocks[2]);
     gemm_part(k, a_block, ctx, G, I, rows, {dgates, 1, G}, x_panels,
-              GemmOutput<T>{grads.w_ih, I, nullptr, true, torch_row});
+              GemmOutput<T>{grads.w_ih, I, nullptr, true, torch_row}, &weight_gemm_blocks[3]);
   });
   if (lstm && grad_c0) copy_rows(grad_c0, H, grad_c.data(), Hp, batch, H);
   if (gru)  // h0 also reaches h_1 through z, past W_hh

@@ -199,6 +199,45 @@ void StepProgress::wait_for_others(const ThreadContext& ctx, long step) const {
       });
 }
 
+// Claims and steals only partition the panels: a relaxed compare-and-swap keeps the parts
+// disjoint, and the step's barrier publishes what each thread computed.
+bool PanelRanges::claim(int parity, int thread, bool from_back, long& first, long& last) {
+  std::atomic<std::uint64_t>& bounds = slot(parity, thread);
+  std::uint64_t now = bounds.load(std::memory_order_relaxed);
+  for (;;) {
+    const long begin = static_cast<long>(now >> 32), end = static_cast<long>(now & 0xffffffffu);
+    if (begin >= end) return false;
+    const long n = std::max(1L, (end - begin) / 2);
+    first = from_back ? end - n : begin;
+    last = first + n;
+    const std::uint64_t rest = from_back ? pack(begin, end - n) : pack(begin + n, end);
+    if (bounds.compare_exchange_weak(now, rest, std::memory_order_relaxed)) return true;
+  }
+}
+
+namespace {
+std::atomic<long> steal_count{0};
+}  // namespace
+
+bool PanelRanges::steal(int parity, int victim, bool victim_from_back, long& first, long& last) {
+  std::atomic<std::uint64_t>& bounds = slot(parity, victim);
+  std::uint64_t now = bounds.load(std::memory_order_relaxed);
+  for (;;) {
+    const long begin = static_cast<long>(now >> 32), end = static_cast<long>(now & 0xffffffffu);
+    if (end - begin < kMinSteal) return false;
+    const long n = (end - begin) / 2;
+    first = victim_from_back ? begin : end - n;
+    last = first + n;
+    const std::uint64_t rest = victim_from_back ? pack(begin + n, end) : pack(begin, end - n);
+    if (bounds.compare_exchange_weak(now, rest, std::memory_order_relaxed)) {
+      steal_count.fetch_add(1, std::memory_order_relaxed);
+      return true;
+    }
+  }
+}
+
+long PanelRanges::steals() { return steal_count.load(std::memory_order_relaxed); }
+
 void ThreadContext::split(long n, long grain, long& begin, long& end) const {
   const long units = (n + grain - 1) / grain;
   const long per = units / count, extra = units % count;

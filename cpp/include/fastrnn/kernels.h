@@ -158,6 +158,7 @@ struct KernelTable {
   int micro_rows;            // rows of the micro-kernel
   int side_block;            // steps in a block of the side product; 0: none on this ISA
   int gemm_panel_vectors;    // vectors per full panel of a generic packed matrix
+  long gemm_block_rows;      // rows of A the GEMM packs at a time
   long gemm_block_elements;  // size of GemmArgs::a_block
   void (*gemm)(const GemmArgs<T>&);
   void (*step_forward)(const StepForwardArgs<T>&);

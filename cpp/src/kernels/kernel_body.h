@@ -1048,6 +1048,7 @@ constexpr KernelTable<T> make_table() {
           kMicroRows,
           side_block_steps<T>(),
           static_cast<int>(kGemmPanelVectors),
+          kBlockM,
           kBlockM * kMaxBlockK<T>,
           &gemm<T>,
           &step_forward<T>,
