@@ -62,7 +62,8 @@ constexpr long kL1Reuse = 128 << 10;
 // From this batch up, the threads of a hidden split share each step's panels by work stealing
 // (PanelRanges), so that a core slowed down by another guest does fewer of them. At batch 1 the
 // steps stream W_hh from each core's own L2, where a stolen panel would come from the other's:
-// LSTM T=150 H=256 and GRU, T=100 H=128, 0.98-1.01x as fast with stealing (in-process A/B).
+// with stealing, LSTM T=150 H=256 0.98x as fast, GRU T=150 H=256 1.01x, LSTM T=100 H=128 1.00x
+// (in-process A/B, two threads).
 constexpr long kStealBatch = 4;
 
 template <class T>

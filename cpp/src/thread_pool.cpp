@@ -199,6 +199,10 @@ void StepProgress::wait_for_others(const ThreadContext& ctx, long step) const {
       });
 }
 
+namespace {
+std::atomic<long> steal_count{0};
+}  // namespace
+
 // Claims and steals only partition the panels: a relaxed compare-and-swap keeps the parts
 // disjoint, and the step's barrier publishes what each thread computed.
 bool PanelRanges::claim(int parity, int thread, bool from_back, long& first, long& last) {
@@ -214,10 +218,6 @@ bool PanelRanges::claim(int parity, int thread, bool from_back, long& first, lon
     if (bounds.compare_exchange_weak(now, rest, std::memory_order_relaxed)) return true;
   }
 }
-
-namespace {
-std::atomic<long> steal_count{0};
-}  // namespace
 
 bool PanelRanges::steal(int parity, int victim, bool victim_from_back, long& first, long& last) {
   std::atomic<std::uint64_t>& bounds = slot(parity, victim);

@@ -64,10 +64,11 @@ class StepProgress {
 // Work stealing within a time step. Each thread owns a range of the step's panels and claims half
 // of what is left of it at a time (at least one panel), from one end; once its own are done, it
 // takes half of another thread's unclaimed panels from the other end. On a shared VM one core
-// often runs at half speed for tens of milliseconds (an FMA loop pinned to each CPU, 10 ms
-// samples: 45-65 against 85-91 GFLOP/s), and a step cut in fixed halves then runs at the slower
-// core's pace. Ranges are kept per step parity: a thread resets its range for step t + 1 during
-// step t, when no thread can steal from it (every thread has passed the barrier of step t - 1).
+// often runs at two thirds speed for tens of milliseconds (an FMA loop pinned to each CPU, 10 ms
+// samples: 55-65 GFLOP/s on one while the other made 85-91), and a step cut in fixed halves then
+// runs at the slower core's pace. Ranges are kept per step parity: a thread resets its range for
+// the next step during this one, when no thread steals from that range any more (all have passed
+// the previous step's barrier).
 class PanelRanges {
  public:
   explicit PanelRanges(int threads) : ranges_(2 * static_cast<std::size_t>(threads)) {}
@@ -79,8 +80,7 @@ class PanelRanges {
   // `from_back`; false when none is left.
   bool claim(int parity, int thread, bool from_back, long& first, long& last);
   // Half of thread `victim`'s unclaimed panels, from the end it does not claim from, if it has at
-  // least kMinSteal: fewer finish sooner where they are (in the victim's caches) than on another
-  // core.
+  // least kMinSteal: fewer stay where they are, in the victim's caches.
   bool steal(int parity, int victim, bool victim_from_back, long& first, long& last);
   static constexpr long kMinSteal = 4;
   // Testing hook: how many times a thread has taken panels of another since the process started.
