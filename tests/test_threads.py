@@ -82,8 +82,9 @@ def test_lengths_and_stacks_do_not_depend_on_thread_count(
 def test_shared_panels_give_the_results_of_one_thread(isa, kind, dtype, threads, restore_threads):
     # From batch 4, the threads of a step split by hidden units take each other's panels once
     # their own are done (forward and backward steps), and the weight gradients' GEMMs hand out
-    # blocks of rows (G = 800 rows here). Which thread takes what depends on timing: a few calls.
-    steps, batch, inputs, hidden = 5, 6, 48, 200
+    # blocks of rows (G = 800 rows here). Which thread takes what depends on timing: a few calls,
+    # each long enough (over 2^24 multiply-adds) to run on the workers even when they sleep.
+    steps, batch, inputs, hidden = 20, 6, 48, 200
     rng = np.random.default_rng(6)
     x = rng.standard_normal((steps, batch, inputs)).astype(dtype)
     grad_out = rng.standard_normal((steps, batch, hidden)).astype(dtype)
@@ -92,7 +93,7 @@ def test_shared_panels_give_the_results_of_one_thread(isa, kind, dtype, threads,
     expected = _train_step(layer, x, grad_out)
     expected_inference, _ = layer.eval()(x)
     fastrnn.set_num_threads(threads)
-    for _ in range(5):
+    for _ in range(3):
         layer.train().zero_grad()
         out, grads = _train_step(layer, x, grad_out)
         inference, _ = layer.eval()(x)
@@ -106,13 +107,15 @@ def test_shared_panels_give_the_results_of_one_thread(isa, kind, dtype, threads,
 def test_a_thread_takes_the_panels_of_one_that_does_not_run():
     # Two threads on one core: while one runs, the other does not, and the running one, done with
     # its own panels of a step, takes the other's (which two cores at the same speed rarely need).
+    # Calls of over 2^24 multiply-adds, which run on the workers even when they sleep (calls far
+    # apart, as under an emulator, would otherwise run on the calling thread alone).
     code = """
 import os, time, numpy as np, fastrnn
 from fastrnn import _core
 os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
 rng = np.random.default_rng(0)
-x = rng.standard_normal((5, 6, 48)).astype(np.float32)
-grad_out = rng.standard_normal((5, 6, 200)).astype(np.float32)
+x = rng.standard_normal((20, 6, 48)).astype(np.float32)
+grad_out = rng.standard_normal((20, 6, 200)).astype(np.float32)
 worst = 0.0
 for kind in (fastrnn.LSTM, fastrnn.GRU):
     fastrnn.set_num_threads(1)
