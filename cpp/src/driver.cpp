@@ -185,16 +185,21 @@ void scatter_rows(T* dst, long dst_stride, const T* src, const std::vector<long>
                 static_cast<std::size_t>(cols) * sizeof(T));
 }
 
-// A step's panels on this thread: its own, claimed from the front (from the back when the step runs
-// descending), then those it steals from the other threads.
+// Step t's panels on this thread, if it has rows: its own, claimed from the front (from the back
+// when the step runs descending), then those it steals from the other threads. Then its own
+// range [own_first, own_last) is set for the next step, of the other parity.
 template <class Run>
-void share_panels(const ThreadContext& ctx, PanelRanges& ranges, int parity, bool descending,
-                  Run&& run) {
+void share_panels(const ThreadContext& ctx, PanelRanges& ranges, long t, bool descending,
+                  bool has_rows, long own_first, long own_last, Run&& run) {
+  const int parity = static_cast<int>(t % 2);
   long first = 0, last = 0;
-  while (ranges.claim(parity, ctx.index, descending, first, last)) run(first, last);
-  for (int i = 1; i < ctx.count; ++i)
-    while (ranges.steal(parity, (ctx.index + i) % ctx.count, descending, first, last))
-      run(first, last);
+  if (has_rows) {
+    while (ranges.claim(parity, ctx.index, descending, first, last)) run(first, last);
+    for (int i = 1; i < ctx.count; ++i)
+      while (ranges.steal(parity, (ctx.index + i) % ctx.count, descending, first, last))
+        run(first, last);
+  }
+  ranges.reset(1 - parity, ctx.index, own_first, own_last);
 }
 
 }  // namespace
@@ -453,14 +458,12 @@ void forward(const std::shared_ptr<const PackedLayer<T>>& layer, const Sequences
         continue;
       }
       if (steal_panels) {
-        const int parity = static_cast<int>(t % 2);
-        const auto run_panels = [&](long first, long last) {
-          step.panel_begin = first;
-          step.panel_end = last;
-          k.step_forward(step);
-        };
-        if (step.batch > 0) share_panels(ctx, ranges, parity, step.descending, run_panels);
-        ranges.reset(1 - parity, ctx.index, panel0, panel1);
+        share_panels(ctx, ranges, t, step.descending, step.batch > 0, panel0, panel1,
+                     [&](long first, long last) {
+                       step.panel_begin = first;
+                       step.panel_end = last;
+                       k.step_forward(step);
+                     });
       } else if (has_panels) {
         k.step_forward(step);
       }
@@ -653,14 +656,12 @@ void backward(TrainingState<T>& state, const T* grad_out_in, const T* grad_h_n, 
       }
       if (gru) step.hidden_gate = state.hidden_gate.data() + row * Hp;
       if (steal_panels) {
-        const int parity = static_cast<int>(t % 2);
-        const auto run_panels = [&](long first, long last) {
-          step.col_begin = column(first);
-          step.col_end = column(last);
-          if (step.col_begin < step.col_end) k.step_backward(step);
-        };
-        if (step.batch > 0) share_panels(ctx, ranges, parity, false, run_panels);
-        ranges.reset(1 - parity, ctx.index, panel0, panel1);
+        share_panels(ctx, ranges, t, false, step.batch > 0, panel0, panel1,
+                     [&](long first, long last) {
+                       step.col_begin = column(first);
+                       step.col_end = column(last);
+                       k.step_backward(step);
+                     });
       } else if (step.batch > 0 && col0 < col1) {
         k.step_backward(step);
       }

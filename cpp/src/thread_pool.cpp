@@ -205,12 +205,13 @@ std::atomic<long> steal_count{0};
 
 // Claims and steals only partition the panels: a relaxed compare-and-swap keeps the parts
 // disjoint, and the step's barrier publishes what each thread computed.
-bool PanelRanges::claim(int parity, int thread, bool from_back, long& first, long& last) {
+bool PanelRanges::take_half(int parity, int thread, bool from_back, long min_left, long& first,
+                            long& last) {
   std::atomic<std::uint64_t>& bounds = slot(parity, thread);
   std::uint64_t now = bounds.load(std::memory_order_relaxed);
   for (;;) {
     const long begin = static_cast<long>(now >> 32), end = static_cast<long>(now & 0xffffffffu);
-    if (begin >= end) return false;
+    if (end - begin < min_left) return false;
     const long n = std::max(1L, (end - begin) / 2);
     first = from_back ? end - n : begin;
     last = first + n;
@@ -220,20 +221,9 @@ bool PanelRanges::claim(int parity, int thread, bool from_back, long& first, lon
 }
 
 bool PanelRanges::steal(int parity, int victim, bool victim_from_back, long& first, long& last) {
-  std::atomic<std::uint64_t>& bounds = slot(parity, victim);
-  std::uint64_t now = bounds.load(std::memory_order_relaxed);
-  for (;;) {
-    const long begin = static_cast<long>(now >> 32), end = static_cast<long>(now & 0xffffffffu);
-    if (end - begin < kMinSteal) return false;
-    const long n = (end - begin) / 2;
-    first = victim_from_back ? begin : end - n;
-    last = first + n;
-    const std::uint64_t rest = victim_from_back ? pack(begin + n, end) : pack(begin, end - n);
-    if (bounds.compare_exchange_weak(now, rest, std::memory_order_relaxed)) {
-      steal_count.fetch_add(1, std::memory_order_relaxed);
-      return true;
-    }
-  }
+  if (!take_half(parity, victim, !victim_from_back, kMinSteal, first, last)) return false;
+  steal_count.fetch_add(1, std::memory_order_relaxed);
+  return true;
 }
 
 long PanelRanges::steals() { return steal_count.load(std::memory_order_relaxed); }

@@ -78,7 +78,9 @@ class PanelRanges {
   }
   // Half of the panels the thread has not claimed yet (at least one), from the back if
   // `from_back`; false when none is left.
-  bool claim(int parity, int thread, bool from_back, long& first, long& last);
+  bool claim(int parity, int thread, bool from_back, long& first, long& last) {
+    return take_half(parity, thread, from_back, 1, first, last);
+  }
   // Half of thread `victim`'s unclaimed panels, from the end it does not claim from, if it has at
   // least kMinSteal: fewer stay where they are, in the victim's caches.
   bool steal(int parity, int victim, bool victim_from_back, long& first, long& last);
@@ -87,6 +89,9 @@ class PanelRanges {
   static long steals();
 
  private:
+  // Half (at least one) of the thread's unclaimed panels, from the back or the front, if it has at
+  // least `min_left`.
+  bool take_half(int parity, int thread, bool from_back, long min_left, long& first, long& last);
   struct alignas(64) Range {  // a cache line each: a thread claims from its own
     std::atomic<std::uint64_t> bounds{0};
   };
