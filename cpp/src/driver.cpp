@@ -359,6 +359,7 @@ void forward(const std::shared_ptr<const PackedLayer<T>>& layer, const Sequences
   const bool steal_panels =
       !batch_split && !side_product && !split_steps && threads > 1 && batch >= kStealBatch;
   PanelRanges ranges(steal_panels ? threads : 0);
+  PanelRanges input_ranges(steal_panels ? threads : 0);  // the input GEMM's, chunk by chunk
   AlignedBuffer<T> partial_sums(static_cast<std::size_t>(split_steps ? batch * G : 0));
   AlignedBuffer<T> gemm_blocks(static_cast<std::size_t>(threads * k.gemm_block_elements));
   StepProgress progress(split_steps ? threads : 0);
@@ -372,7 +373,10 @@ void forward(const std::shared_ptr<const PackedLayer<T>>& layer, const Sequences
       ctx.split(L.panels, 1, panel0, panel1);
       if (projected) ctx.split(panel_count(p.w_hr_panels), 1, proj0, proj1);
     }
-    if (steal_panels) ranges.reset(0, ctx.index, panel0, panel1);
+    if (steal_panels) {
+      ranges.reset(0, ctx.index, panel0, panel1);
+      input_ranges.reset(0, ctx.index, panel0, panel1);
+    }
 
     // Every other step runs the thread's panels last to first, so that it starts on the panels
     // the previous step used last: still in L2 when the thread's W_hh is about as large as its L2
@@ -422,11 +426,23 @@ void forward(const std::shared_ptr<const PackedLayer<T>>& layer, const Sequences
           gemm_part(k, a_block, ctx, chunk_rows, G, I, {x_chunk, I, 1}, p.w_ih_panels,
                     GemmOutput<T>{gates_chunk, G, p.bias.data()});
           ctx.sync();
+        } else if (steal_panels) {
+          // The gate columns of the thread's own panels, then those of others it takes, as the
+          // steps share panels; each thread may then read any of them. A slowed core held up
+          // the whole GEMM (half of an LSTM's forward at I = H) with fixed halves: in-process A/B
+          // on a busy day (40 alternating rounds, medians of per-round ratios), LSTM T25 B4 H512
+          // 1.026x as fast, B16 1.035x, GRU T25 B16 H512 1.015x; no change in calm phases (the
+          // fastest calls of 30 rounds 0.996-1.011x).
+          share_panels(ctx, input_ranges, t / chunk_steps, false, chunk_rows > 0, panel0, panel1,
+                       [&](long first, long last) {
+                         gemm_panels(k, a_block, chunk_rows, G, I, {x_chunk, I, 1}, p.w_ih_panels,
+                                     first, last, GemmOutput<T>{gates_chunk, G, p.bias.data()});
+                       });
+          ctx.sync();
         } else {
-          // The thread's own gate columns, which only a thread that steals its panels reads.
+          // The thread's own gate columns, which only it reads.
           gemm_panels(k, a_block, chunk_rows, G, I, {x_chunk, I, 1}, p.w_ih_panels, panel0, panel1,
                       GemmOutput<T>{gates_chunk, G, p.bias.data()});
-          if (steal_panels) ctx.sync();  // a thief reads these gate columns too
         }
       }
       const long row = first_row(t) + row0;

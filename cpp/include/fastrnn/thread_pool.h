@@ -68,7 +68,8 @@ class StepProgress {
 // samples: 55-65 GFLOP/s on one while the other made 85-91), and a step cut in fixed halves then
 // runs at the slower core's pace. Ranges are kept per step parity: a thread resets its range for
 // the next step during this one, when no thread steals from that range any more (all have passed
-// the previous step's barrier).
+// the previous step's barrier). A forward's input GEMM shares its panels the same way, with
+// ranges of its own, per chunk of steps.
 class PanelRanges {
  public:
   explicit PanelRanges(int threads) : ranges_(2 * static_cast<std::size_t>(threads)) {}
