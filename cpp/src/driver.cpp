@@ -185,9 +185,10 @@ void scatter_rows(T* dst, long dst_stride, const T* src, const std::vector<long>
                 static_cast<std::size_t>(cols) * sizeof(T));
 }
 
-// Step t's panels on this thread, if it has rows: its own, claimed from the front (from the back
-// when the step runs descending), then those it steals from the other threads. Then its own
-// range [own_first, own_last) is set for the next step, of the other parity.
+// Round t's panels on this thread (a step's, or a chunk's input GEMM's), if it has rows: its own,
+// claimed from the front (from the back when the step runs descending), then those it steals from
+// the other threads. Then its own range [own_first, own_last) is set for the next round, of the
+// other parity.
 template <class Run>
 void share_panels(const ThreadContext& ctx, PanelRanges& ranges, long t, bool descending,
                   bool has_rows, long own_first, long own_last, Run&& run) {
@@ -426,23 +427,24 @@ void forward(const std::shared_ptr<const PackedLayer<T>>& layer, const Sequences
           gemm_part(k, a_block, ctx, chunk_rows, G, I, {x_chunk, I, 1}, p.w_ih_panels,
                     GemmOutput<T>{gates_chunk, G, p.bias.data()});
           ctx.sync();
-        } else if (steal_panels) {
-          // The gate columns of the thread's own panels, then those of others it takes, as the
-          // steps share panels; each thread may then read any of them. A slowed core held up
-          // the whole GEMM (half of an LSTM's forward at I = H) with fixed halves: in-process A/B
-          // on a busy day (40 alternating rounds, medians of per-round ratios), LSTM T25 B4 H512
-          // 1.026x as fast, B16 1.035x, GRU T25 B16 H512 1.015x; no change in calm phases (the
-          // fastest calls of 30 rounds 0.996-1.011x).
-          share_panels(ctx, input_ranges, t / chunk_steps, false, chunk_rows > 0, panel0, panel1,
-                       [&](long first, long last) {
-                         gemm_panels(k, a_block, chunk_rows, G, I, {x_chunk, I, 1}, p.w_ih_panels,
-                                     first, last, GemmOutput<T>{gates_chunk, G, p.bias.data()});
-                       });
-          ctx.sync();
         } else {
-          // The thread's own gate columns, which only it reads.
-          gemm_panels(k, a_block, chunk_rows, G, I, {x_chunk, I, 1}, p.w_ih_panels, panel0, panel1,
-                      GemmOutput<T>{gates_chunk, G, p.bias.data()});
+          const auto gate_columns = [&](long first, long last) {
+            gemm_panels(k, a_block, chunk_rows, G, I, {x_chunk, I, 1}, p.w_ih_panels, first, last,
+                        GemmOutput<T>{gates_chunk, G, p.bias.data()});
+          };
+          if (steal_panels) {
+            // The gate columns of the thread's own panels, then those of others it takes, as the
+            // steps share panels; each thread may then read any of them. A slowed core held up
+            // the whole GEMM (half of an LSTM's forward at I = H) with fixed halves: in-process
+            // A/B on a busy day (40 alternating rounds, medians of per-round ratios), LSTM T25 B4
+            // H512 1.026x as fast, B16 1.035x, GRU T25 B16 H512 1.015x; no change in calm phases
+            // (the fastest calls of 30 rounds 0.996-1.011x).
+            share_panels(ctx, input_ranges, t / chunk_steps, false, chunk_rows > 0, panel0, panel1,
+                         gate_columns);
+            ctx.sync();
+          } else {
+            gate_columns(panel0, panel1);  // the thread's own, which only it reads
+          }
         }
       }
       const long row = first_row(t) + row0;
