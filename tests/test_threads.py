@@ -81,9 +81,10 @@ def test_lengths_and_stacks_do_not_depend_on_thread_count(
 @pytest.mark.parametrize("threads", [2, 5])
 def test_shared_panels_give_the_results_of_one_thread(isa, kind, dtype, threads, restore_threads):
     # From batch 4, the threads of a step split by hidden units take each other's panels once
-    # their own are done (forward and backward steps), and the weight gradients' GEMMs hand out
-    # blocks of rows (G = 800 rows here). Which thread takes what depends on timing: a few calls,
-    # each long enough (over 2^24 multiply-adds) to run on the workers even when they sleep.
+    # their own are done (forward and backward steps, and the forward's input GEMM), and the
+    # weight gradients' GEMMs hand out blocks of rows (G = 800 rows here). Which thread takes what
+    # depends on timing: a few calls, each long enough (over 2^24 multiply-adds) to run on the
+    # workers even when they sleep.
     steps, batch, inputs, hidden = 20, 6, 48, 200
     rng = np.random.default_rng(6)
     x = rng.standard_normal((steps, batch, inputs)).astype(dtype)
